@@ -1,0 +1,115 @@
+"""The slab denoiser: a 2D diffusion UNet that sees k slices as k channels and is told their separation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+__all__ = ["SlabDenoiser", "load_weights"]
+
+
+class SlabDenoiser(nn.Module):
+    """Epsilon-predicting denoiser of slabs of ``slab_size`` slices taken ``separation`` slices apart.
+
+    This is the denoiser contract of the package (docs/architecture.md): everything
+    downstream calls ``denoiser(x_t, t, separation) -> eps`` and knows nothing about UNets.
+    The separation enters through MONAI's class embedding, which is what makes the prior
+    position-aware (DiffusionBlend, Song et al., NeurIPS 2024, Sec. 3.1).
+
+    Args:
+        slab_size: k, the number of slices in a slab (1 gives the 2D baseline prior).
+        separations: the separations the prior is trained for, e.g. ``(1, 2, 3)``; the class
+            embedding has ``max(separations) + 1`` entries so a separation is its own label.
+        channels: feature channels per UNet level.
+        attention_levels: whether each level has self-attention.
+        num_res_blocks: residual blocks per level.
+        norm_num_groups: groups of the group norms (must divide every entry of ``channels``).
+        num_head_channels: channels per attention head.
+    """
+
+    def __init__(
+        self,
+        slab_size: int = 3,
+        separations: Sequence[int] = (1, 2, 3),
+        channels: Sequence[int] = (16, 32, 64, 128),
+        attention_levels: Sequence[bool] = (False, False, False, True),
+        num_res_blocks: int = 1,
+        norm_num_groups: int = 8,
+        num_head_channels: int = 32,
+    ) -> None:
+        super().__init__()
+        if slab_size < 1:
+            raise ValueError(f"slab_size must be >= 1, got {slab_size}")
+        separations = tuple(int(s) for s in separations)
+        if not separations or min(separations) < 1:
+            raise ValueError(f"separations must be positive integers, got {separations}")
+        if len(channels) != len(attention_levels):
+            raise ValueError(f"channels {tuple(channels)} and attention_levels {tuple(attention_levels)} differ in length")
+        self.slab_size = int(slab_size)
+        self.separations = separations
+        self.unet = DiffusionModelUNet(
+            spatial_dims=2,
+            in_channels=self.slab_size,
+            out_channels=self.slab_size,
+            channels=tuple(channels),
+            attention_levels=tuple(attention_levels),
+            num_res_blocks=num_res_blocks,
+            norm_num_groups=norm_num_groups,
+            num_head_channels=num_head_channels,
+            num_class_embeds=max(separations) + 1,
+        )
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, separation: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the noise in ``x`` (B, k, H, W) at integer ``timesteps`` (B,) for slabs of ``separation`` (B,)."""
+        if x.ndim != 4 or x.shape[1] != self.slab_size:
+            raise ValueError(f"expected slabs of shape (B, {self.slab_size}, H, W), got {tuple(x.shape)}")
+        if separation is None:
+            separation = torch.full((x.shape[0],), self.separations[0], dtype=torch.long, device=x.device)
+        return self.unet(x, timesteps=timesteps, class_labels=separation.long())
+
+
+def load_weights(network: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+    """Load a plain state dict from ``path`` into ``network`` with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a state dict, or it was saved for another network
+            (another slab size, separation set or channel layout); the message names the
+            file and the first mismatching tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file, a pickle with objects, not a torch file at all
+        raise ValueError(f"checkpoint {path} is not a readable state dict: {err}") from err
+    if isinstance(state, dict) and "network" in state and isinstance(state["network"], dict):
+        state = state["network"]  # a training checkpoint: take its network entry
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} is not a plain state dict of tensors")
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape_mismatch = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if strict and (missing or unexpected or shape_mismatch):
+        details = []
+        if shape_mismatch:
+            k = sorted(shape_mismatch)[0]
+            details.append(
+                f"{len(shape_mismatch)} tensors differ in shape (e.g. {k}: file {tuple(state[k].shape)}, network {tuple(own[k].shape)})"
+            )
+        if missing:
+            details.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+        hint = ""
+        if isinstance(network, SlabDenoiser):
+            hint = f"; the network expects slab_size={network.slab_size}, separations={network.separations}"
+        raise ValueError(f"checkpoint {path} was saved for another network: {'; '.join(details)}{hint}")
+    network.load_state_dict(state, strict=strict)
+    return network
