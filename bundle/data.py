@@ -1,0 +1,127 @@
+"""Datasets for training the slab prior: checked datalists and a map-style dataset of random slabs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import load_decathlon_datalist
+from monai.transforms import Randomizable
+from monai.transforms.utils import apply_transform
+from torch.utils.data import Dataset
+
+__all__ = ["RandomStates", "SlabDataset", "load_datalist"]
+
+
+def load_datalist(path: str | Path, key: str = "training", base_dir: str | Path | None = None) -> list[dict]:
+    """Read a MONAI datalist JSON and check that every entry names an existing image.
+
+    Args:
+        path: the datalist JSON (MONAI/Decathlon format: ``{"training": [{"image": ...}, ...]}``).
+        key: which list to read.
+        base_dir: folder relative paths are resolved against (default: the JSON's folder).
+
+    Returns:
+        the entries with absolute ``image`` paths (a file, or a folder holding a DICOM series).
+
+    Raises:
+        FileNotFoundError: the datalist or one of its images does not exist (both are named).
+        ValueError: the list is missing or empty, or an entry has no ``image``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"datalist {path} is not valid JSON: {err}") from err
+    entries = raw.get(key) if isinstance(raw, dict) else None
+    if not entries:
+        raise ValueError(f"datalist {path} has no non-empty list '{key}'")
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("image"):
+            raise ValueError(f"datalist {path}: entry {n} of '{key}' has no 'image': {entry!r}")
+    items = load_decathlon_datalist(path, is_segmentation=False, data_list_key=key, base_dir=base_dir)
+    for n, item in enumerate(items):
+        if not Path(item["image"]).exists():
+            raise FileNotFoundError(f"datalist {path}: entry {n} of '{key}' names {item['image']}, which does not exist")
+    return items
+
+
+class SlabDataset(Dataset):
+    """``samples_per_volume`` random slabs of every (cached) volume per epoch, as a map-style dataset.
+
+    Map-style so that ``DistributedSampler`` shards it; the volumes are typically a MONAI
+    ``CacheDataset`` holding them already resampled, so an epoch only cuts slabs.
+
+    Args:
+        volumes: a sequence of preprocessed items (dicts).
+        transform: the random slab transform (e.g. ``RandSlabd`` followed by augmentation);
+            it may return one dict or a list with one dict.
+        samples_per_volume: items drawn from each volume per epoch.
+    """
+
+    def __init__(self, volumes: Sequence[dict], transform: Callable, samples_per_volume: int = 1) -> None:
+        if samples_per_volume < 1:
+            raise ValueError(f"samples_per_volume must be >= 1, got {samples_per_volume}")
+        self.volumes = volumes
+        self.transform = transform
+        self.samples_per_volume = int(samples_per_volume)
+
+    def __len__(self) -> int:
+        return len(self.volumes) * self.samples_per_volume
+
+    def __getitem__(self, index: int) -> dict:
+        out = apply_transform(self.transform, self.volumes[index // self.samples_per_volume])
+        if isinstance(out, list):
+            if len(out) != 1:
+                raise ValueError(f"the slab transform returned {len(out)} items; use num_samples=1 with SlabDataset")
+            out = out[0]
+        return out
+
+
+class RandomStates:
+    """The random state of training, as a checkpointable object (``state_dict`` / ``load_state_dict``).
+
+    Holds torch's global generator and the NumPy generators of MONAI randomizable transforms,
+    so that a run resumed from a checkpoint draws the same slabs, noise and timesteps as an
+    uninterrupted one.
+
+    Args:
+        transforms: transforms whose ``Randomizable`` members (searched recursively through
+            ``Compose``) are tracked.
+    """
+
+    def __init__(self, transforms: Sequence[Any] = ()) -> None:
+        self._randomizables: list[Randomizable] = []
+        for t in transforms:
+            self._collect(t)
+
+    def _collect(self, t: Any) -> None:
+        if isinstance(t, Randomizable):
+            self._randomizables.append(t)
+        for child in getattr(t, "transforms", ()) or ():
+            self._collect(child)
+
+    def state_dict(self) -> dict:
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": [torch.as_tensor(np.frombuffer(json.dumps(_np_state(r.R)).encode(), dtype=np.uint8)) for r in self._randomizables],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if len(state["numpy"]) != len(self._randomizables):
+            raise ValueError(f"checkpoint holds {len(state['numpy'])} transform random states, the pipeline has {len(self._randomizables)}")
+        for r, packed in zip(self._randomizables, state["numpy"]):
+            name, keys, pos, has_gauss, cached = json.loads(bytes(packed.numpy()).decode())
+            r.R.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _np_state(rs: np.random.RandomState) -> list:
+    name, keys, pos, has_gauss, cached = rs.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]

@@ -1,0 +1,92 @@
+"""Pieces of the MONAI training workflow of the slab prior that MONAI does not provide as is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import DiffusionInferer
+from torch import nn
+
+__all__ = ["SaveWeights", "SlabDiffusionInferer", "attach_handlers"]
+
+
+def attach_handlers(engine: Engine, handlers: list) -> Engine:
+    """Attach ``handlers`` to ``engine`` in order (``None`` entries, e.g. disabled ones, are skipped).
+
+    A handler with an ``attach`` method attaches itself (MONAI handlers, ignite's
+    ``EMAHandler``); a plain callable such as ignite's ``TerminateOnNan`` runs after every
+    iteration.
+
+    The trainer is built first and its handlers attached afterwards, because the checkpoint
+    handlers save and restore the trainer itself (which would otherwise be a circular reference).
+    """
+    for handler in handlers:
+        if handler is None:
+            continue
+        if hasattr(handler, "attach"):
+            handler.attach(engine)
+        else:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, handler)
+    return engine
+
+
+class SlabDiffusionInferer(DiffusionInferer):
+    """MONAI's ``DiffusionInferer`` for the slab denoiser: the condition is the separation label.
+
+    ``DiffusionPrepareBatch(condition_name="separation")`` hands the label over as
+    ``condition``; MONAI's inferer would pass it as cross-attention context, ours passes it to
+    the denoiser contract ``denoiser(x_t, t, separation)``.
+    """
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        diffusion_model: nn.Module,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
+        return diffusion_model(noisy, timesteps, condition)
+
+
+class SaveWeights:
+    """Write a network's weights as a plain state dict, atomically, every ``interval`` iterations and at the end.
+
+    Used to publish ``models/model.pt`` (the EMA weights) while training runs, so that a long
+    run can be stopped at any time and the latest weights are usable and resumable.
+
+    Args:
+        network: the module whose ``state_dict`` is written (e.g. the EMA model).
+        path: the output file.
+        interval: iterations between writes (0: only at the end).
+    """
+
+    def __init__(self, network: nn.Module, path: str | Path, interval: int = 0) -> None:
+        self.network = network
+        self.path = Path(path)
+        self.interval = int(interval)
+
+    def attach(self, engine: Engine) -> None:
+        if self.interval > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.iteration == 0 or _rank() != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        state = {k: v.detach().cpu().clone() for k, v in _unwrap(self.network).state_dict().items()}
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    return network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
