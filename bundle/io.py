@@ -1,0 +1,136 @@
+"""Writing reconstructions: atomic NIfTI and JSON files, and an orthogonal-view PNG figure.
+
+Every writer first writes a temporary file in the destination folder and then moves it into
+place with ``os.replace``, so a failure never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_path", "save_nifti", "save_json", "save_orthogonal_views"]
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffixes); on success move it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def save_nifti(
+    volume: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray | None, path: str | Path
+) -> Path:
+    """Write ``volume`` (array in NIfTI's (X, Y, Z) voxel order) with ``affine`` (4x4) to ``path`` atomically.
+
+    Raises:
+        ValueError: the volume holds NaN or Inf, or the affine is not 4x4.
+    """
+    import nibabel as nib
+
+    data = _numpy(volume).astype(np.float32)
+    if not np.isfinite(data).all():
+        raise ValueError(f"refusing to write {path}: the volume contains NaN or Inf values")
+    affine = np.eye(4) if affine is None else _numpy(affine).astype(np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"the affine for {path} must be 4x4, got {affine.shape}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        nib.save(nib.Nifti1Image(data, affine), str(tmp))
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_json(data: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``data`` (tensors and numpy values converted) as indented JSON to ``path`` atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    return path
+
+
+def save_orthogonal_views(
+    volumes: Sequence[tuple[str, torch.Tensor | np.ndarray]],
+    path: str | Path,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    title: str | None = None,
+) -> Path:
+    """A PNG with one row per volume: its central axial, coronal and sagittal slices.
+
+    Args:
+        volumes: ``(label, volume)`` pairs, volumes ``(Z, H, W)`` (e.g. reconstruction and ground truth).
+        path: the PNG to write (atomically).
+        vmin: grey level of black.
+        vmax: grey level of white.
+        title: optional figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    views: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [
+        ("axial", lambda v: v[v.shape[0] // 2]),
+        ("coronal", lambda v: v[::-1, v.shape[1] // 2, :]),
+        ("sagittal", lambda v: v[::-1, :, v.shape[2] // 2]),
+    ]
+    fig, axes = plt.subplots(len(volumes), 3, figsize=(9, 3 * len(volumes)), squeeze=False)
+    for row, (label, volume) in enumerate(volumes):
+        v = _numpy(volume).astype(np.float32)
+        for col, (name, cut) in enumerate(views):
+            ax = axes[row, col]
+            ax.imshow(cut(v), cmap="gray", vmin=vmin, vmax=vmax, aspect="auto" if name != "axial" else "equal")
+            ax.set_title(f"{label}: {name}", fontsize=9)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return path
