@@ -1,0 +1,346 @@
+"""Reconstruction methods as MONAI ``Inferer``s behind one switch: :func:`make_inferer`.
+
+Every inferer is called as ``inferer(measurements, network, operator)`` and returns the
+reconstructed image ``(Z, H, W)`` in normalised attenuation ([0, 1] for the diffusion
+methods). After a call, ``inferer.stats`` holds the run's cost: seconds, network evaluations
+and peak memory.
+
+Methods (``METHODS``):
+
+- ``dbpp``: DiffusionBlend++, shifted and interleaved partitions alternating (the default).
+- ``db``: DiffusionBlend, shifted adjacent partitions.
+- ``fixed``: one fixed adjacent partition (no blending; the ablation).
+- ``dds2d``: a 2D (k=1) prior, slice by slice (DDS).
+- ``mbir``: a 2D prior with z-TV data consistency (DiffusionMBIR-style).
+- ``fbp``, ``sirt``, ``tv``: classical reconstructions (``bundle.recon.classical``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+
+from bundle.recon.data_consistency import ConjugateGradientDC, ZTVDataConsistency
+from bundle.recon.partitions import make_schedule
+from bundle.recon.sampler import linear_alphas_cumprod, sample
+
+__all__ = [
+    "METHODS",
+    "DIFFUSION_METHODS",
+    "DiffusionBlendInferer",
+    "PeakMemory",
+    "make_inferer",
+    "method_slab_size",
+]
+
+DIFFUSION_METHODS: dict[str, dict[str, Any]] = {
+    "dbpp": {"schedule": "dbpp"},
+    "db": {"schedule": "shifted"},
+    "fixed": {"schedule": "fixed"},
+    "dds2d": {"schedule": "2d", "slab_size": 1},
+    "mbir": {"schedule": "2d", "slab_size": 1, "data_consistency": "ztv"},
+}
+CLASSICAL_METHODS: dict[str, str] = {"fbp": "FBPInferer", "sirt": "SIRTInferer", "tv": "TVInferer"}
+METHODS: tuple[str, ...] = (*DIFFUSION_METHODS, *CLASSICAL_METHODS)
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux ``/proc``; elsewhere the peak from ``resource``)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA allocator peak on a CUDA device, sampled process RSS on CPU.
+
+    Attributes (after the block): ``baseline_bytes`` (before), ``peak_bytes`` (the highest
+    seen), ``increase_bytes`` (peak - baseline), ``kind`` (``"cuda_allocated"`` or ``"cpu_rss"``).
+
+    Args:
+        device: the device the work runs on.
+        interval: seconds between RSS samples on CPU.
+    """
+
+    def __init__(self, device: torch.device | str | None = None, interval: float = 0.002) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.interval = interval
+        self.kind = "cuda_allocated" if self.device.type == "cuda" else "cpu_rss"
+        self.baseline_bytes = self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def increase_bytes(self) -> int:
+        return max(0, self.peak_bytes - self.baseline_bytes)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+
+    def __enter__(self) -> PeakMemory:
+        if self.kind == "cuda_allocated":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = self.peak_bytes = torch.cuda.memory_allocated(self.device)
+        else:
+            self.baseline_bytes = self.peak_bytes = _rss_bytes()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.kind == "cuda_allocated":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+
+
+class _CountedDenoiser:
+    """Wraps a network into the denoiser contract and counts its calls, slabs and time."""
+
+    def __init__(self, network: Callable[..., torch.Tensor]) -> None:
+        self.network = network
+        self.calls = 0
+        self.slabs = 0
+        self.seconds = 0.0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, separation: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.network(x, t, separation)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self.slabs += x.shape[0]
+        return out
+
+
+class DiffusionBlendInferer(Inferer):
+    """Reconstruct with a slab diffusion prior: DiffusionBlend(++), DDS-2D or the DiffusionMBIR-style baseline.
+
+    Args:
+        schedule: partition schedule: ``"dbpp"``, ``"shifted"``, ``"fixed"``, ``"interleaved"``, ``"2d"``.
+        slab_size: k of the prior (1 for the 2D baselines).
+        separation: s of the interleaved (jump) steps.
+        steps: DDIM steps.
+        eta: DDIM stochasticity.
+        data_consistency: ``"cg"`` (CG on the normal equations, DDS) or ``"ztv"`` (z-TV ADMM).
+        cg_iterations: CG iterations per step (per ADMM pass for ``"ztv"``).
+        cg_lambda: proximal weight of ``"cg"``, relative to ``||A||^2`` (0: plain DDS).
+        admm_iterations: ADMM passes per step for ``"ztv"``.
+        tv_rho: ADMM penalty of ``"ztv"``, relative to ``||A||^2``.
+        tv_lambda: z-TV weight of ``"ztv"``, relative to ``||A||^2``.
+        batch_size: slabs per network call.
+        seed: seed of the start noise, the re-noising and the random partition offsets.
+        num_train_timesteps: T of the training schedule.
+        beta_start: first beta of the linear training schedule.
+        beta_end: last beta of the linear training schedule.
+        mixed_precision: autocast the network on CUDA.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        schedule: str = "dbpp",
+        slab_size: int = 3,
+        separation: int = 3,
+        steps: int = 200,
+        eta: float = 0.85,
+        data_consistency: str = "cg",
+        cg_iterations: int = 5,
+        cg_lambda: float = 0.0,
+        admm_iterations: int = 1,
+        tv_rho: float = 1e-3,
+        tv_lambda: float = 5e-5,
+        batch_size: int = 8,
+        seed: int = 0,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        mixed_precision: bool = True,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        if data_consistency not in ("cg", "ztv"):
+            raise ValueError(f"data_consistency must be 'cg' or 'ztv', got {data_consistency!r}")
+        self.schedule = make_schedule(schedule, slab_size, separation)
+        self.slab_size = int(slab_size)
+        self.steps = int(steps)
+        self.eta = float(eta)
+        self.data_consistency = data_consistency
+        self.cg_iterations = int(cg_iterations)
+        self.cg_lambda = float(cg_lambda)
+        self.admm_iterations = int(admm_iterations)
+        self.tv_rho = float(tv_rho)
+        self.tv_lambda = float(tv_lambda)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.alphas_cumprod = linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
+        self.mixed_precision = bool(mixed_precision)
+        self.progress = bool(progress)
+        self.stats: dict[str, Any] = {}
+
+    def make_data_consistency(self, operator: Any, measurements: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The data-consistency callable of this inferer for ``y = measurements``."""
+        if self.data_consistency == "ztv":
+            return ZTVDataConsistency(
+                operator, measurements, self.cg_iterations, self.admm_iterations, self.tv_rho, self.tv_lambda
+            )
+        return ConjugateGradientDC(operator, measurements, self.cg_iterations, self.cg_lambda)
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], operator: Any, seed: int | None = None
+    ) -> torch.Tensor:
+        """Reconstruct ``(Z, H, W)`` in [0, 1] from the sinogram ``inputs`` measured through ``operator``.
+
+        Args:
+            inputs: the measurements ``y`` (the operator's range shape).
+            network: the denoiser ``network(x_t, t, separation) -> eps`` with ``slab_size`` channels.
+            operator: the projector ``A`` (``bundle.operators``).
+            seed: overrides the constructor's seed (e.g. for several samples).
+
+        Raises:
+            ValueError: the network's slab size differs from the method's, or the sinogram
+                does not fit the operator.
+        """
+        net_k = getattr(network, "slab_size", None)
+        if net_k is not None and int(net_k) != self.slab_size:
+            raise ValueError(
+                f"this method needs a prior of slab_size={self.slab_size}, but the network has slab_size={net_k}"
+            )
+        range_shape = tuple(getattr(operator, "range_shape", inputs.shape))
+        if tuple(inputs.shape) != range_shape:
+            raise ValueError(f"the sinogram has shape {tuple(inputs.shape)}, but the geometry expects {range_shape}")
+        device = inputs.device
+        generator = torch.Generator(device=device).manual_seed(self.seed if seed is None else int(seed))
+        denoiser = _CountedDenoiser(network)
+        was_training = getattr(network, "training", False)
+        if hasattr(network, "eval"):
+            network.eval()
+        start = time.perf_counter()
+        try:
+            with PeakMemory(device) as memory:
+                x_T = torch.randn(tuple(operator.domain_shape), generator=generator, device=device)
+                recon = sample(
+                    denoiser,
+                    x_T,
+                    self.schedule,
+                    self.make_data_consistency(operator, inputs.float()),
+                    self.alphas_cumprod,
+                    num_steps=self.steps,
+                    eta=self.eta,
+                    batch_size=self.batch_size,
+                    generator=generator,
+                    mixed_precision=self.mixed_precision,
+                    progress=self.progress,
+                )
+        finally:
+            if was_training and hasattr(network, "train"):
+                network.train()
+        seconds = time.perf_counter() - start
+        self.stats = {
+            "seconds": seconds,
+            "nfe": self.steps,
+            "network_calls": denoiser.calls,
+            "slab_evaluations": denoiser.slabs,
+            "network_seconds": denoiser.seconds,
+            "network_share": denoiser.seconds / seconds if seconds > 0 else 0.0,
+            "peak_memory_mb": memory.peak_bytes / 2**20,
+            "peak_memory_increase_mb": memory.increase_bytes / 2**20,
+            "memory_kind": memory.kind,
+        }
+        return recon
+
+    def __repr__(self) -> str:
+        return (
+            f"DiffusionBlendInferer(schedule={self.schedule!r}, steps={self.steps}, eta={self.eta}, "
+            f"data_consistency={self.data_consistency!r}, cg_iterations={self.cg_iterations}, seed={self.seed})"
+        )
+
+
+class _TimedClassical(Inferer):
+    """Adds ``stats`` (seconds, peak memory, no network evaluations) to a classical inferer."""
+
+    slab_size = None
+
+    def __init__(self, inner: Inferer) -> None:
+        super().__init__()
+        self.inner = inner
+        self.stats: dict[str, Any] = {}
+
+    def __call__(self, inputs: torch.Tensor, network: Any = None, operator: Any = None, seed: int | None = None) -> torch.Tensor:  # type: ignore[override]
+        start = time.perf_counter()
+        with PeakMemory(inputs.device) as memory:
+            recon = self.inner(inputs, operator)
+        seconds = time.perf_counter() - start
+        self.stats = {
+            "seconds": seconds,
+            "nfe": 0,
+            "network_calls": 0,
+            "slab_evaluations": 0,
+            "network_seconds": 0.0,
+            "network_share": 0.0,
+            "peak_memory_mb": memory.peak_bytes / 2**20,
+            "peak_memory_increase_mb": memory.increase_bytes / 2**20,
+            "memory_kind": memory.kind,
+        }
+        return recon
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+
+def _accepted(cls: Callable[..., Any], settings: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(settings)
+    return {k: v for k, v in settings.items() if k in params}
+
+
+def method_slab_size(method: str, slab_size: int = 3) -> int | None:
+    """The prior's slab size a method needs: ``slab_size`` for blending methods, 1 for 2D ones, None for classical."""
+    if method not in METHODS:
+        raise ValueError(f"unknown reconstruction method {method!r}; choose one of {list(METHODS)}")
+    if method in CLASSICAL_METHODS:
+        return None
+    return int(DIFFUSION_METHODS[method].get("slab_size", slab_size))
+
+
+def make_inferer(method: str = "dbpp", **settings: Any) -> Inferer:
+    """The inferer of ``method`` (one of :data:`METHODS`), configured by ``settings``.
+
+    Settings a method does not take are ignored, so one set of settings (steps, seed, ...)
+    can drive every method; the method fixes its own schedule and slab size.
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown reconstruction method {method!r}; choose one of {list(METHODS)}")
+    if method in DIFFUSION_METHODS:
+        merged = {**settings, **DIFFUSION_METHODS[method]}
+        inferer: Inferer = DiffusionBlendInferer(**_accepted(DiffusionBlendInferer, merged))
+    else:
+        from bundle.recon import classical
+
+        cls = getattr(classical, CLASSICAL_METHODS[method])
+        inferer = _TimedClassical(cls(**_accepted(cls, settings)))
+    inferer.method = method  # type: ignore[attr-defined]
+    return inferer
