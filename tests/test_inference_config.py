@@ -1,0 +1,176 @@
+"""Smoke runs of configs/inference.json through monai.bundle on a small crop of the sample, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import run
+
+from bundle.networks import SlabDenoiser
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "inference.json")
+TINY = {"channels": (8, 16), "attention_levels": (False, False), "norm_num_groups": 8, "num_head_channels": 8}
+TINY_OVERRIDES = {
+    "network_def#channels": [8, 16],
+    "network_def#attention_levels": [False, False],
+    "network_def#num_head_channels": 8,
+    "network_def_2d#channels": [8, 16],
+    "network_def_2d#attention_levels": [False, False],
+    "network_def_2d#num_head_channels": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """A 24 x 20 x 7 crop of the sample (7 slices: not a multiple of 3), tiny checkpoints for k=3 and k=1."""
+    tmp = tmp_path_factory.mktemp("inference")
+    img = nib.load(str(ROOT / "sample" / "sample_ct.nii.gz"))
+    start = np.array([45, 40, 15])
+    crop = np.asarray(img.dataobj)[45:69, 40:60, 15:22]
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ start + img.affine[:3, 3]
+    nib.save(nib.Nifti1Image(crop, affine), str(tmp / "crop.nii.gz"))
+    torch.manual_seed(0)
+    torch.save(SlabDenoiser(slab_size=3, **TINY).state_dict(), tmp / "tiny.pt")
+    torch.save(SlabDenoiser(slab_size=1, separations=(1,), **TINY).state_dict(), tmp / "tiny_2d.pt")
+    return {"dir": tmp, "crop": tmp / "crop.nii.gz", "ckpt": tmp / "tiny.pt", "ckpt_2d": tmp / "tiny_2d.pt"}
+
+
+class raises:
+    """Like ``pytest.raises``, but also matches the cause of MONAI's "Failed to evaluate" RuntimeError wrapper."""
+
+    def __init__(self, kind: type[BaseException], match: str) -> None:
+        self.kind, self.match = kind, match
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        assert exc is not None, f"{self.kind.__name__} was not raised"
+        while exc is not None and not isinstance(exc, self.kind):
+            exc = exc.__cause__
+        assert exc is not None, f"{self.kind.__name__} was not raised"
+        assert re.search(self.match, str(exc)), f"{str(exc)!r} does not match {self.match!r}"
+        return True
+
+
+def _run(data: dict[str, Path], out: Path, **overrides) -> dict:
+    settings = {
+        "input_path": str(data["crop"]),
+        "output_dir": str(out),
+        "ckpt_path": str(data["ckpt"]),
+        "ckpt_path_2d": str(data["ckpt_2d"]),
+        "device": "cpu",
+        "steps": 3,
+        "image_size": 32,
+        "progress": False,
+        **TINY_OVERRIDES,
+        **overrides,
+    }
+    run(config_file=CONFIG, **settings)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_default_method_writes_outputs_on_the_input_grid(data, tmp_path):
+    metrics = _run(data, tmp_path)
+    source, recon = nib.load(str(data["crop"])), nib.load(str(tmp_path / "crop_recon.nii.gz"))
+    assert recon.shape == source.shape
+    np.testing.assert_allclose(recon.affine, source.affine, atol=1e-4)
+    assert np.isfinite(recon.get_fdata()).all()
+    assert (tmp_path / "crop_views.png").stat().st_size > 0
+    assert metrics["method"] == "dbpp" and metrics["nfe"] == 3 and metrics["network_calls"] >= 3
+    for key in ("psnr_3d", "ssim_3d", "psnr_axial", "psnr_coronal", "psnr_sagittal", "ssim_sagittal", "seconds", "peak_memory_mb"):
+        assert np.isfinite(metrics[key]), key
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+@pytest.mark.parametrize("method", ["mbir", "fbp"])
+def test_other_methods(data, tmp_path, method):
+    metrics = _run(data, tmp_path, method=method, steps=2)
+    assert metrics["method"] == method
+    assert (tmp_path / "crop_recon.nii.gz").is_file()
+
+
+def test_samples_write_mean_and_std(data, tmp_path):
+    metrics = _run(data, tmp_path, samples=2, steps=2, photons=1e5, arc_degrees=90.0, step_degrees=10.0)
+    std = nib.load(str(tmp_path / "crop_std.nii.gz"))
+    assert std.shape == nib.load(str(data["crop"])).shape and float(std.get_fdata().max()) > 0
+    assert metrics["samples"] == 2 and metrics["nfe"] == 4
+    assert len(metrics["geometry"]["angles"]) == 9
+
+
+def test_sinogram_input(data, tmp_path):
+    from bundle.geometry import sparse_view
+    from bundle.operators import make_operator
+
+    geometry = sparse_view(6, (5, 16, 16), (3.0, 3.0, 3.0))
+    x = torch.zeros(geometry.vol_shape)
+    x[:, 4:12, 5:11] = 0.3
+    np.save(tmp_path / "scan.npy", make_operator(geometry)(x).numpy())
+    geometry.to_json(tmp_path / "scan.json")
+    _run(data, tmp_path / "out", input_path=str(tmp_path / "scan.npy"), method="sirt")
+    recon = nib.load(str(tmp_path / "out" / "scan_recon.nii.gz"))
+    assert recon.shape == (16, 16, 5)
+    np.testing.assert_allclose(np.diag(recon.affine)[:3], [3.0, 3.0, 3.0])
+
+
+def test_sinogram_geometry_mismatch_names_the_files(data, tmp_path):
+    from bundle.geometry import sparse_view
+
+    sparse_view(6, (5, 16, 16), (3.0, 3.0, 3.0)).to_json(tmp_path / "scan.json")
+    np.save(tmp_path / "scan.npy", np.zeros((5, 7, 23), dtype=np.float32))
+    with raises(ValueError, "scan.npy.*scan.json"):
+        _run(data, tmp_path / "out", input_path=str(tmp_path / "scan.npy"), method="fbp")
+    assert not (tmp_path / "out" / "scan_recon.nii.gz").exists()
+
+
+def test_missing_input(data, tmp_path):
+    with raises(FileNotFoundError, "nowhere.nii.gz"):
+        _run(data, tmp_path, input_path=str(tmp_path / "nowhere.nii.gz"))
+
+
+def test_nan_input(data, tmp_path):
+    img = nib.load(str(data["crop"]))
+    values = np.asarray(img.dataobj).astype(np.float32)
+    values[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(values, img.affine), str(tmp_path / "nan.nii.gz"))
+    with raises(ValueError, "nan.nii.gz.*NaN"):
+        _run(data, tmp_path / "out", input_path=str(tmp_path / "nan.nii.gz"))
+
+
+def test_checkpoint_for_another_slab_size(data, tmp_path):
+    with raises(ValueError, "tiny_2d.pt"):
+        _run(data, tmp_path, ckpt_path=str(data["ckpt_2d"]))
+
+
+def test_unknown_method(data, tmp_path):
+    with raises(ValueError, "unknown reconstruction method"):
+        _run(data, tmp_path, method="magic")
+
+
+def test_atomic_write_leaves_no_partial_nifti(tmp_path, monkeypatch):
+    from bundle.io import save_nifti
+
+    target = tmp_path / "x_recon.nii.gz"
+    save_nifti(np.zeros((4, 4, 4)), np.eye(4), target)
+    before = target.read_bytes()
+
+    def broken(image, filename):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_nifti(np.ones((4, 4, 4)), np.eye(4), target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_recon.nii.gz"]
+    with pytest.raises(ValueError, match="NaN"):
+        save_nifti(np.full((2, 2, 2), np.nan), np.eye(4), tmp_path / "nan_recon.nii.gz")
+    assert not (tmp_path / "nan_recon.nii.gz").exists()
