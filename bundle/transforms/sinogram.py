@@ -1,0 +1,216 @@
+"""MONAI MapTransforms that produce sinograms: simulate them from a volume, or load measured ones.
+
+A sinogram always travels with its geometry (docs/architecture.md): in a data dictionary,
+``sinogram`` holds a float32 tensor of ``geometry.sino_shape`` (``(Z, n_views, n_det)`` for
+slice stacks) and ``geometry`` the :mod:`bundle.geometry` object. On disk, a sinogram is a
+``.npy`` or ``.nii``/``.nii.gz`` array in that same order (the NIfTI data array is taken as
+is) next to its geometry JSON (:func:`save_sinogram` writes both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable
+
+from bundle.geometry import Geometry, limited_angle, load_json, sparse_view
+from bundle.operators import make_operator
+from bundle.physics import MU_MAX, simulate_sinogram
+from bundle.transforms.layout import to_zhw, voxel_size_zhw
+
+__all__ = ["SimulateSinogramd", "LoadSinogramd", "save_sinogram", "load_sinogram", "geometry_path_for"]
+
+PathLike = Union[str, Path]
+
+
+def geometry_path_for(sinogram_path: PathLike) -> Path:
+    """Default geometry JSON next to a sinogram file: ``scan.npy`` / ``scan.nii.gz`` -> ``scan.json``."""
+    p = Path(sinogram_path)
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".npy"):
+        if name.endswith(suffix):
+            return p.with_name(name[: -len(suffix)] + ".json")
+    return p.with_suffix(".json")
+
+
+def save_sinogram(path: PathLike, sinogram: torch.Tensor | np.ndarray, geometry: Geometry) -> Path:
+    """Write ``sinogram`` (``.npy`` or ``.nii.gz``) and its geometry JSON; returns the JSON path.
+
+    Raises:
+        ValueError: when the shape differs from ``geometry.sino_shape``.
+    """
+    arr = sinogram.detach().cpu().numpy() if isinstance(sinogram, torch.Tensor) else np.asarray(sinogram)
+    arr = arr.astype(np.float32)
+    if tuple(arr.shape) != tuple(geometry.sino_shape):
+        raise ValueError(f"sinogram shape {tuple(arr.shape)} does not match the geometry's {geometry.sino_shape}")
+    p = Path(path)
+    if p.name.endswith((".nii.gz", ".nii")):
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(p))
+    elif p.suffix == ".npy":
+        np.save(p, arr)
+    else:
+        raise ValueError(f"{p}: sinogram files are .npy, .nii or .nii.gz")
+    gpath = geometry_path_for(p)
+    geometry.to_json(gpath)
+    return gpath
+
+
+def load_sinogram(path: PathLike, geometry_path: Optional[PathLike] = None) -> tuple[torch.Tensor, Geometry]:
+    """Read a sinogram file and its geometry JSON, checking shape and finiteness.
+
+    Args:
+        path: ``.npy``, ``.nii`` or ``.nii.gz`` array of ``geometry.sino_shape``.
+        geometry_path: geometry JSON; default :func:`geometry_path_for` ``(path)``.
+
+    Raises:
+        ValueError: unknown file type, missing geometry, a shape mismatch (naming both files
+            and shapes) or NaN/Inf values (naming the file).
+    """
+    p = Path(path)
+    gpath = Path(geometry_path) if geometry_path is not None else geometry_path_for(p)
+    if not p.is_file():
+        raise ValueError(f"sinogram file {p} does not exist")
+    if not gpath.is_file():
+        raise ValueError(f"geometry file {gpath} for sinogram {p} does not exist")
+    if p.name.endswith((".nii.gz", ".nii")):
+        import nibabel as nib
+
+        arr = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+    elif p.suffix == ".npy":
+        arr = np.load(p, allow_pickle=False).astype(np.float32)
+    else:
+        raise ValueError(f"{p}: sinogram files are .npy, .nii or .nii.gz")
+    geometry = load_json(gpath)
+    if tuple(arr.shape) != tuple(geometry.sino_shape):
+        raise ValueError(
+            f"sinogram {p} has shape {tuple(arr.shape)} but its geometry {gpath} expects {geometry.sino_shape}"
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError(f"sinogram {p} contains NaN or Inf values")
+    return torch.from_numpy(arr), geometry
+
+
+class SimulateSinogramd(Randomizable, MapTransform):
+    """Simulate a sinogram from a normalised channel-first volume ``(1, X, Y, Z)``.
+
+    The geometry is built from the image's shape and spacing (MetaTensor pixdim, or
+    ``voxel_size``): ``sparse_view(n_views, ...)``, or ``limited_angle(arc_degrees,
+    step_degrees, ...)`` when ``arc_degrees`` is set. Stores the sinogram (float32 tensor of
+    ``geometry.sino_shape``) under ``sinogram_key`` and the geometry under ``geometry_key``.
+    Noise (when ``photons`` is set) is seeded from the transform's random state
+    (``set_random_state``), so a seeded pipeline is reproducible.
+
+    Args:
+        keys: the one key of the normalised image.
+        sinogram_key: output key of the sinogram.
+        geometry_key: output key of the geometry.
+        n_views: views of the sparse-view scan.
+        beam: ``"parallel"`` or ``"fan"`` (or ``"cone"`` where a GPU backend exists).
+        arc_degrees: if set, a limited-angle scan over this arc ...
+        step_degrees: ... at this angular step.
+        photons: incident photons per ray (``None``: noiseless).
+        electronic_noise: electronic noise standard deviation in counts.
+        mu_max: attenuation (1/mm) of normalised value 1.
+        voxel_size: ``(dz, dy, dx)`` in mm, overriding the image's spacing.
+        backend: projector backend for :func:`bundle.operators.make_operator`.
+        geometry_kwargs: extra factory arguments (``det_count``, ``source_origin``, ...).
+        allow_missing_keys: skip a missing key.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        sinogram_key: str = "sinogram",
+        geometry_key: str = "geometry",
+        n_views: int = 8,
+        beam: str = "parallel",
+        arc_degrees: Optional[float] = None,
+        step_degrees: float = 1.0,
+        photons: Optional[float] = None,
+        electronic_noise: float = 0.0,
+        mu_max: float = MU_MAX,
+        voxel_size: Optional[Sequence[float]] = None,
+        backend: str = "auto",
+        geometry_kwargs: Optional[dict[str, Any]] = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"SimulateSinogramd takes exactly one image key, got {self.keys}")
+        self.sinogram_key, self.geometry_key = sinogram_key, geometry_key
+        self.n_views, self.beam = int(n_views), beam
+        self.arc_degrees, self.step_degrees = arc_degrees, step_degrees
+        self.photons, self.electronic_noise, self.mu_max = photons, electronic_noise, mu_max
+        self.voxel_size = tuple(voxel_size) if voxel_size is not None else None
+        self.backend = backend
+        self.geometry_kwargs = dict(geometry_kwargs or {})
+        self._seed = 0
+
+    def randomize(self, data: Any = None) -> None:
+        """Draw the noise seed from the transform's random state."""
+        self._seed = int(self.R.randint(0, 2**31 - 1))
+
+    def geometry_for(self, vol_shape: Sequence[int], voxel_size: Sequence[float]) -> Geometry:
+        """The geometry this transform builds for a ``(Z, H, W)`` volume."""
+        if self.arc_degrees is not None:
+            return limited_angle(self.arc_degrees, self.step_degrees, vol_shape, voxel_size, beam=self.beam, **self.geometry_kwargs)
+        return sparse_view(self.n_views, vol_shape, voxel_size, beam=self.beam, **self.geometry_kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        for key in self.key_iterator(d):
+            img = d[key]
+            if not isinstance(img, torch.Tensor):
+                img = torch.as_tensor(np.asarray(img))
+            vol = to_zhw(img).to(torch.float32).contiguous()
+            voxel = self.voxel_size if self.voxel_size is not None else voxel_size_zhw(img)
+            geometry = self.geometry_for(tuple(vol.shape), voxel)
+            op = make_operator(geometry, backend=self.backend, device=vol.device)
+            gen = torch.Generator(device=vol.device).manual_seed(self._seed)
+            d[self.sinogram_key] = simulate_sinogram(
+                vol, op, photons=self.photons, electronic_noise=self.electronic_noise, generator=gen, mu_max=self.mu_max
+            )
+            d[self.geometry_key] = geometry
+        return d
+
+
+class LoadSinogramd(MapTransform):
+    """Load a measured sinogram (``.npy``/``.nii.gz``, ``(Z, n_views, n_det)``) and its geometry JSON.
+
+    ``data[key]`` is the sinogram's path; the geometry JSON's path is ``data[geometry_key]``
+    when that is a path, else the file next to the sinogram (``scan.npy`` -> ``scan.json``).
+    Replaces ``data[key]`` by a float32 tensor and ``data[geometry_key]`` by the geometry.
+
+    Args:
+        keys: the one key holding the sinogram path.
+        geometry_key: key of the geometry JSON path (input) and geometry object (output).
+        allow_missing_keys: skip a missing key.
+
+    Raises:
+        ValueError: shape mismatch between sinogram and geometry (naming both files and
+            shapes), NaN/Inf (naming the file), missing files.
+    """
+
+    def __init__(self, keys: KeysCollection = "sinogram", geometry_key: str = "geometry", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"LoadSinogramd takes exactly one sinogram key, got {self.keys}")
+        self.geometry_key = geometry_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            gpath = d.get(self.geometry_key)
+            gpath = gpath if isinstance(gpath, (str, Path)) else None
+            sino, geometry = load_sinogram(d[key], gpath)
+            d[key] = sino
+            d[self.geometry_key] = geometry
+        return d
