@@ -6,7 +6,7 @@ Two kinds of input:
   grid by the config's ``preprocessing``, measurements are simulated from it with the
   requested geometry and noise, and the reconstruction is compared with it;
 - a measured sinogram (``.npy`` or NIfTI, ``(Z, n_views, n_det)``) with its geometry JSON
-  (``geometry_path``, or ``<name>.json`` / ``<name>_geometry.json`` beside it): the
+  (``geometry_path``, or ``<name>.json`` beside it): the
   reconstruction lies on the geometry's grid and there is no ground truth.
 
 Outputs in ``output_dir``: ``<name>_recon.nii.gz`` (HU, on the input's grid with its affine),
@@ -25,13 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from bundle.geometry import Geometry, limited_angle, load_json, sparse_view
+from bundle.geometry import Geometry, limited_angle, sparse_view
 from bundle.io import save_json, save_nifti, save_orthogonal_views
 from bundle.metrics import reconstruction_metrics
 from bundle.networks import load_weights
 from bundle.physics import MU_WATER, normalized_to_hu, simulate_sinogram
+from bundle.transforms.layout import from_zhw, to_zhw, voxel_size_zhw
+from bundle.transforms.sinogram import load_sinogram
 
-__all__ = ["Reconstruction", "make_geometry", "input_name", "load_sinogram", "find_geometry_json"]
+__all__ = ["Reconstruction", "make_geometry", "input_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +49,6 @@ def input_name(path: str | Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def find_geometry_json(path: str | Path) -> Path | None:
-    """The geometry JSON that travels with a sinogram file: ``<name>.json`` or ``<name>_geometry.json`` beside it."""
-    path = Path(path)
-    for candidate in (path.parent / f"{input_name(path)}.json", path.parent / f"{input_name(path)}_geometry.json"):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def make_geometry(
@@ -74,51 +67,6 @@ def make_geometry(
     if arc_degrees >= 180.0:
         return sparse_view(int(views), vol_shape, voxel_size, beam=beam)
     return limited_angle(float(arc_degrees), float(step_degrees), vol_shape, voxel_size, beam=beam)
-
-
-def load_sinogram(path: str | Path, geometry_path: str | Path | None = None) -> tuple[torch.Tensor, Geometry]:
-    """Read a measured sinogram (``.npy`` or NIfTI) and its geometry JSON, and check that they match.
-
-    A NIfTI sinogram is read as stored, ``(Z, n_views, n_det)`` in its array order.
-
-    Raises:
-        FileNotFoundError: the sinogram or its geometry JSON is missing.
-        ValueError: NaN/Inf values, or a shape that differs from the geometry's ``sino_shape``.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"sinogram {path} does not exist")
-    geometry_path = Path(geometry_path) if geometry_path else find_geometry_json(path)
-    if geometry_path is None or not geometry_path.is_file():
-        raise FileNotFoundError(
-            f"no geometry JSON for sinogram {path}: pass geometry_path or put {input_name(path)}.json beside it"
-            + (f" ({geometry_path} does not exist)" if geometry_path else "")
-        )
-    geometry = load_json(geometry_path)
-    if path.name.lower().endswith(".npy"):
-        array = np.load(path, allow_pickle=False)
-    else:
-        import nibabel as nib
-
-        array = np.asarray(nib.load(str(path)).dataobj)
-    sino = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
-    if tuple(sino.shape) != tuple(geometry.sino_shape):
-        raise ValueError(
-            f"sinogram {path} has shape {tuple(sino.shape)}, but its geometry {geometry_path} expects {tuple(geometry.sino_shape)}"
-        )
-    if not torch.isfinite(sino).all():
-        raise ValueError(f"sinogram {path} contains NaN or Inf values")
-    return sino, geometry
-
-
-def _zhw(image: torch.Tensor) -> torch.Tensor:
-    """``(1, X, Y, Z) -> (Z, Y, X)`` as a plain tensor (docs/architecture.md)."""
-    return torch.as_tensor(image)[0].permute(2, 1, 0).contiguous()
-
-
-def _xyz(volume: torch.Tensor) -> torch.Tensor:
-    """``(Z, Y, X) -> (1, X, Y, Z)``."""
-    return volume.permute(2, 1, 0).unsqueeze(0).contiguous()
 
 
 class Reconstruction:
@@ -246,7 +194,7 @@ class Reconstruction:
     def run(self) -> dict[str, Any]:
         """Reconstruct, write the outputs, and return the metrics written to ``metrics.json``."""
         start = time.perf_counter()
-        if not self.input_path.exists():
+        if not self.input_path.exists():  # a file, or a folder holding a DICOM series
             raise FileNotFoundError(f"input {self.input_path} does not exist")
         name = input_name(self.input_path)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -257,17 +205,16 @@ class Reconstruction:
             dz, dy, dx = geometry.voxel_size
             affine = np.diag([dx, dy, dz, 1.0])
             affine[:3, 3] = -0.5 * (np.array(recon.shape[::-1]) - 1) * np.array([dx, dy, dz])
-            out = _xyz(recon)[0]
-            out_std = _xyz(std)[0] if std is not None else None
+            out = from_zhw(recon)[0]
+            out_std = from_zhw(std)[0] if std is not None else None
         else:
             data = self.preprocessing({"image": str(self.input_path)})
             image = data["image"]
-            x = _zhw(image).float()
+            x = to_zhw(image).float()
             if not torch.isfinite(x).all():
                 raise ValueError(f"input {self.input_path} contains NaN or Inf values")
-            pixdim = [float(p) for p in image.pixdim[:3]] if hasattr(image, "pixdim") else [1.0, 1.0, 1.0]
             geometry = make_geometry(
-                tuple(x.shape), (pixdim[2], pixdim[1], pixdim[0]), self.views, self.arc_degrees, self.step_degrees, self.beam
+                tuple(x.shape), voxel_size_zhw(image), self.views, self.arc_degrees, self.step_degrees, self.beam
             )
             from bundle.operators import make_operator
 
@@ -295,12 +242,12 @@ class Reconstruction:
             "samples": self.samples,
             **stats,
         }
-        shown = [("reconstruction", _zhw(out[None]))]
+        shown = [("reconstruction", to_zhw(out[None]))]
         if truth is not None:
-            metrics.update(reconstruction_metrics(_zhw(out[None]), _zhw(truth[None])))
-            shown.append(("ground truth", _zhw(truth[None])))
+            metrics.update(reconstruction_metrics(to_zhw(out[None]), to_zhw(truth[None])))
+            shown.append(("ground truth", to_zhw(truth[None])))
         if out_std is not None:
-            shown.append(("std", _zhw(out_std[None]) / max(float(out_std.max()), 1e-8)))
+            shown.append(("std", to_zhw(out_std[None]) / max(float(out_std.max()), 1e-8)))
         if self.save_png:
             save_orthogonal_views(shown, self.output_dir / f"{name}_views.png", title=f"{name}: {metrics['method']}")
         metrics["total_seconds"] = time.perf_counter() - start
@@ -312,7 +259,7 @@ class Reconstruction:
         """Map ``volume`` ``(Z, H, W)`` on the model grid back to the input's grid: ``((X, Y, Z), affine)``."""
         from monai.data import MetaTensor
 
-        pred = MetaTensor(_xyz(volume), meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        pred = MetaTensor(from_zhw(volume), meta=dict(image.meta), applied_operations=list(image.applied_operations))
         inverse = getattr(self.preprocessing, "inverse", None)
         if inverse is not None:
             pred = inverse({"image": pred})["image"]
