@@ -110,7 +110,7 @@ class RandomStates:
     def state_dict(self) -> dict:
         return {
             "torch": torch.get_rng_state(),
-            "numpy": [torch.as_tensor(np.frombuffer(json.dumps(_np_state(r.R)).encode(), dtype=np.uint8)) for r in self._randomizables],
+            "numpy": [torch.tensor(list(json.dumps(_np_state(r.R)).encode()), dtype=torch.uint8) for r in self._randomizables],
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -9,7 +9,18 @@ from ignite.engine import Engine, Events
 from monai.inferers import DiffusionInferer
 from torch import nn
 
-__all__ = ["SaveWeights", "SlabDiffusionInferer", "attach_handlers"]
+__all__ = ["SaveWeights", "SlabDiffusionInferer", "StopAfterIterations", "attach_handlers", "latest_checkpoint"]
+
+
+def latest_checkpoint(folder: str | Path) -> str | None:
+    """The most recently written ``*.pt`` checkpoint in ``folder``, or ``None`` when there is none.
+
+    Training resumes from it, whether the last run completed (``checkpoint_latest.pt``) or
+    was killed after one of its periodic saves. Half-written files never match: ignite writes
+    checkpoints to a temporary name and renames them.
+    """
+    files = sorted(Path(folder).glob("*.pt"), key=lambda f: f.stat().st_mtime) if Path(folder).is_dir() else []
+    return str(files[-1]) if files else None
 
 
 def attach_handlers(engine: Engine, handlers: list) -> Engine:
@@ -50,6 +61,21 @@ class SlabDiffusionInferer(DiffusionInferer):
     ) -> torch.Tensor:
         noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
         return diffusion_model(noisy, timesteps, condition)
+
+
+class StopAfterIterations:
+    """Stop the engine once ``iterations`` iterations are done (0: never), as an interruption would.
+
+    The run ends through ignite's ``terminate``, so the final checkpoint is written and a later
+    run resumes from it; used to split a long run into sessions and to test resumption.
+    """
+
+    def __init__(self, iterations: int = 0) -> None:
+        self.iterations = int(iterations)
+
+    def attach(self, engine: Engine) -> None:
+        if self.iterations > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(once=self.iterations), lambda e: e.terminate())
 
 
 class SaveWeights:

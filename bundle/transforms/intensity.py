@@ -8,6 +8,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from bundle.physics import MU_WATER, hu_to_normalized
+
 __all__ = ["HUToNormalizedd", "ValidateVolumed"]
 
 
@@ -52,7 +54,7 @@ class HUToNormalizedd(MapTransform):
 
     ``mu = mu_water (1 + HU / 1000)``, clipped at HU -1000 below (air) and at ``hu_max``
     above; ``mu_max = mu_water (1 + hu_max / 1000)``. The map is affine in HU, so
-    ``y = A x`` stays linear in normalised units. See ``bundle.physics`` for the functions.
+    ``y = A x`` stays linear in normalised units (``bundle.physics.hu_to_normalized``).
 
     Args:
         keys: keys of images in HU.
@@ -65,7 +67,7 @@ class HUToNormalizedd(MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
+        mu_max = MU_WATER * (1.0 + self.hu_max / 1000.0)
         for key in self.key_iterator(d):
-            hu = torch.as_tensor(d[key]).clamp(-1000.0, self.hu_max)
-            d[key] = (1.0 + hu / 1000.0) / (1.0 + self.hu_max / 1000.0)
+            d[key] = hu_to_normalized(d[key], mu_max=mu_max).clamp(max=1.0)
         return d

@@ -1,0 +1,92 @@
+"""RandSlabd, the slab dataset and datalist checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, LoadImaged
+
+from bundle.data import RandomStates, SlabDataset, load_datalist
+from bundle.transforms import RandSlabd, ValidateVolumed, slab_span
+from tests.conftest import write_crop
+
+
+def volume(depth: int, h: int = 5, w: int = 4) -> dict:
+    # value of voxel (x, y, z) encodes its coordinates, so slabs can be checked exactly
+    x, y, z = torch.meshgrid(torch.arange(w), torch.arange(h), torch.arange(depth), indexing="ij")
+    vol = (z * 10000 + y * 100 + x).float()[None]
+    return {"image": MetaTensor(vol, meta={"filename_or_obj": f"vol{depth}.nii.gz"})}
+
+
+@pytest.mark.parametrize("depth", [3, 7, 10])
+@pytest.mark.parametrize("slab_size", [1, 3])
+def test_slabs_are_k_slices_at_the_drawn_separation(depth: int, slab_size: int) -> None:
+    t = RandSlabd("image", slab_size=slab_size, separations=(1, 2, 3), num_samples=20).set_random_state(0)
+    for item in t(volume(depth)):
+        slab, s = item["image"], int(item["separation"])
+        assert slab.shape == (slab_size, 5, 4)  # (k, H=Y, W=X)
+        z = (slab[:, 0, 0] // 10000).long()
+        assert torch.equal(z, z[0] + s * torch.arange(slab_size))
+        assert z[-1] < depth and slab_span(slab_size, s) <= depth
+        assert torch.equal(slab[0, :, :] % 10000, (torch.arange(5)[:, None] * 100 + torch.arange(4)[None]).float())
+
+
+def test_every_fitting_separation_is_drawn() -> None:
+    t = RandSlabd("image", slab_size=3, separations=(1, 2, 3), num_samples=200).set_random_state(1)
+    assert {int(i["separation"]) for i in t(volume(7))} == {1, 2, 3}
+    assert {int(i["separation"]) for i in t(volume(5))} == {1, 2}  # s=3 needs 7 slices
+
+
+def test_too_thin_volume_names_the_file() -> None:
+    with pytest.raises(ValueError, match=r"vol2.nii.gz: 2 axial slices, but a slab of 3 slices needs at least 3"):
+        RandSlabd("image", slab_size=3)(volume(2))
+
+
+def test_validate_refuses_nan_and_names_the_file() -> None:
+    d = volume(4)
+    d["image"][0, 1, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="vol4.nii.gz: the volume contains NaN"):
+        ValidateVolumed("image")(d)
+
+
+def test_slab_dataset_length_and_items() -> None:
+    ds = SlabDataset([volume(6), volume(9)], RandSlabd("image", slab_size=3), samples_per_volume=4)
+    assert len(ds) == 8
+    assert ds[5]["image"].shape == (3, 5, 4)
+
+
+def test_random_states_round_trip() -> None:
+    t = Compose([RandSlabd("image", slab_size=3, num_samples=4)])
+    states = RandomStates([t])
+    saved = states.state_dict()
+    first = [int(i["separation"]) for i in t(volume(9))] + [torch.rand(1).item()]
+    states.load_state_dict(saved)
+    again = [int(i["separation"]) for i in t(volume(9))] + [torch.rand(1).item()]
+    assert first == again
+
+
+def test_datalist_checks(tmp_path) -> None:
+    write_crop(tmp_path / "a.nii.gz")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"training": [{"image": "a.nii.gz"}]}))
+    assert load_datalist(good)[0]["image"] == str(tmp_path / "a.nii.gz")
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"training": [{"image": "a.nii.gz"}, {"image": "gone.nii.gz"}]}))
+    with pytest.raises(FileNotFoundError, match=r"missing.json: entry 1 of 'training' names .*gone.nii.gz"):
+        load_datalist(missing)
+    no_image = tmp_path / "noimage.json"
+    no_image.write_text(json.dumps({"training": [{"label": "x"}]}))
+    with pytest.raises(ValueError, match="entry 0 of 'training' has no 'image'"):
+        load_datalist(no_image)
+    with pytest.raises(ValueError, match="no non-empty list 'validation'"):
+        load_datalist(good, "validation")
+
+
+def test_unreadable_volume_names_the_file(tmp_path) -> None:
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(Exception, match="broken.nii.gz"):
+        LoadImaged("image", ensure_channel_first=True)({"image": str(bad)})

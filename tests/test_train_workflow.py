@@ -1,0 +1,118 @@
+"""Smoke runs of configs/train.json and multi_gpu_train.json through monai.bundle, resumption and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bundle.networks import SlabDenoiser, load_weights
+from tests.conftest import TINY_NETWORK, subprocess_env, write_crop
+
+pytestmark = pytest.mark.slow
+
+
+def datalist(folder: Path, names: list[str]) -> Path:
+    path = folder / "datalist.json"
+    path.write_text(json.dumps({"training": [{"image": n} for n in names]}))
+    return path
+
+
+def train(root: Path, python: str, work: Path, *, configs: str = "configs/train.json", launcher: list[str] | None = None,
+          check: bool = True, **overrides) -> subprocess.CompletedProcess:
+    """Run the training workflow on the tiny data in ``work`` with a tiny network."""
+    settings = {
+        "data_root": str(work), "datalist": str(work / "datalist.json"), "output_dir": str(work / "run"),
+        "model_path": str(work / "run" / "model.pt"), "image_size": 32, "batch_size": 4,
+        "samples_per_volume": 4, "max_epochs": 1, "warmup_iterations": 1, **TINY_NETWORK, **overrides,
+    }
+    cmd = (launcher or [python]) + ["-m", "monai.bundle", "run", "training", "--config_file", configs]
+    for key, value in settings.items():
+        cmd += [f"--{key}", repr(value) if not isinstance(value, str) else value]
+    proc = subprocess.run(cmd, cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    write_crop(tmp_path / "a.nii.gz", xy=32, slices=8)
+    write_crop(tmp_path / "b.nii.gz", xy=28, slices=6)
+    datalist(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    return tmp_path
+
+
+def test_train_config_writes_loadable_weights(root: Path, python: str, work: Path) -> None:
+    train(root, python, work)
+    net = SlabDenoiser(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
+    state = torch.load(work / "run" / "model.pt", weights_only=True)
+    assert set(state) == set(net.state_dict())
+    load_weights(net, work / "run" / "model.pt")
+    ckpt = torch.load(work / "run" / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
+    assert {"network", "ema", "optimizer", "lr_scheduler", "trainer", "random_states"} <= set(ckpt)
+    assert ckpt["trainer"]["iteration"] == 2
+
+
+def test_resume_matches_uninterrupted_run(root: Path, python: str, work: Path) -> None:
+    straight, split = work / "straight", work / "split"
+    train(root, python, work, max_epochs=3, output_dir=str(straight), model_path=str(straight / "model.pt"))
+    # interrupted after 2 of 6 iterations, then resumed from the checkpoint it left
+    train(root, python, work, max_epochs=3, stop_after_iterations=2, output_dir=str(split), model_path=str(split / "model.pt"))
+    stopped = torch.load(split / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
+    assert stopped["trainer"]["iteration"] == 2
+    resumed = train(root, python, work, max_epochs=3, output_dir=str(split), model_path=str(split / "model.pt"))
+    assert "Epoch: 1/3" not in resumed.stdout + resumed.stderr  # it went on from epoch 2
+
+    a = torch.load(straight / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 6
+    for key in ("network", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=1e-6, msg=f"{key}.{name}")
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=1e-6)
+    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"]
+
+
+def test_two_process_torchrun_on_cpu(root: Path, python: str, work: Path) -> None:
+    launcher = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    train(root, python, work, configs="['configs/train.json','configs/multi_gpu_train.json']", launcher=launcher)
+    ckpt = torch.load(work / "run" / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 1  # 8 slabs shared by 2 ranks, batch 4 each
+    assert not any(k.startswith("module.") for k in ckpt["network"])
+    assert (work / "run" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", r"entry 1 of 'training' names .*gone\.nii\.gz, which does not exist"),
+        ("unreadable", r"broken\.nii\.gz"),
+        ("thin", r"b\.nii\.gz: 2 axial slices, but at least 3 are needed"),
+        ("nan", r"b\.nii\.gz: the volume contains NaN"),
+    ],
+)
+def test_bad_input_names_the_file_and_writes_nothing(root: Path, python: str, work: Path, case: str, message: str) -> None:
+    if case == "missing":
+        datalist(work, ["a.nii.gz", "gone.nii.gz"])
+    elif case == "unreadable":
+        (work / "broken.nii.gz").write_bytes(b"\x1f\x8b not a volume")
+        datalist(work, ["a.nii.gz", "broken.nii.gz"])
+    else:
+        hu = np.asarray(nib.load(work / "b.nii.gz").dataobj).astype(np.float32)
+        hu = hu[..., :2] if case == "thin" else np.where(np.arange(hu.size).reshape(hu.shape) == 7, np.nan, hu)
+        nib.save(nib.Nifti1Image(hu, nib.load(work / "b.nii.gz").affine), work / "b.nii.gz")
+    proc = train(root, python, work, check=False)
+    assert proc.returncode != 0
+    import re
+
+    assert re.search(message, proc.stdout + proc.stderr), (proc.stdout + proc.stderr)[-3000:]
+    ckpts = list((work / "run" / "checkpoints").glob("*")) if (work / "run" / "checkpoints").exists() else []
+    assert ckpts == [] and not (work / "run" / "model.pt").exists()
