@@ -174,3 +174,29 @@ def test_atomic_write_leaves_no_partial_nifti(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="NaN"):
         save_nifti(np.full((2, 2, 2), np.nan), np.eye(4), tmp_path / "nan_recon.nii.gz")
     assert not (tmp_path / "nan_recon.nii.gz").exists()
+
+
+def test_evaluate_config_writes_one_table(data, tmp_path):
+    run(
+        config_file=[CONFIG, str(ROOT / "configs" / "evaluate.json")],
+        eval_volumes=[str(data["crop"])],
+        eval_methods=["fixed", "fbp"],
+        eval_settings=[{"name": "6 views", "views": 6}, {"name": "90 degrees", "arc_degrees": 90.0, "step_degrees": 15.0, "photons": 1e5}],
+        eval_dir=str(tmp_path),
+        ckpt_path=str(data["ckpt"]),
+        ckpt_path_2d=str(data["ckpt_2d"]),
+        device="cpu",
+        steps=2,
+        image_size=32,
+        progress=False,
+        **TINY_OVERRIDES,
+    )
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["setting"], r["method"]) for r in rows] == [
+        ("6 views", "fixed"), ("6 views", "fbp"), ("90 degrees", "fixed"), ("90 degrees", "fbp")
+    ]
+    assert all(np.isfinite(r["psnr_3d"]) for r in rows)
+    header = (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("volume,setting,method,psnr_3d,ssim_3d")
+    assert (tmp_path / "results.png").stat().st_size > 0
+    assert (tmp_path / "crop" / "90_degrees" / "fbp" / "crop_recon.nii.gz").is_file()
