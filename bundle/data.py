@@ -17,13 +17,16 @@ from torch.utils.data import Dataset
 __all__ = ["RandomStates", "SlabDataset", "load_datalist"]
 
 
-def load_datalist(path: str | Path, key: str = "training", base_dir: str | Path | None = None) -> list[dict]:
+def load_datalist(
+    path: str | Path, key: str = "training", base_dir: str | Path | None = None, required: bool = True
+) -> list[dict]:
     """Read a MONAI datalist JSON and check that every entry names an existing image.
 
     Args:
         path: the datalist JSON (MONAI/Decathlon format: ``{"training": [{"image": ...}, ...]}``).
         key: which list to read.
         base_dir: folder relative paths are resolved against (default: the JSON's folder).
+        required: when False, a missing or empty list gives ``[]`` instead of an error.
 
     Returns:
         the entries with absolute ``image`` paths (a file, or a folder holding a DICOM series).
@@ -40,6 +43,8 @@ def load_datalist(path: str | Path, key: str = "training", base_dir: str | Path 
     except json.JSONDecodeError as err:
         raise ValueError(f"datalist {path} is not valid JSON: {err}") from err
     entries = raw.get(key) if isinstance(raw, dict) else None
+    if not entries and not required:
+        return []
     if not entries:
         raise ValueError(f"datalist {path} has no non-empty list '{key}'")
     for n, entry in enumerate(entries):

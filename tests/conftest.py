@@ -15,10 +15,15 @@ SAMPLE = ROOT / "sample" / "sample_ct.nii.gz"
 
 # A tiny network with the shipped model's structure: fast enough for CPU smoke runs.
 TINY_NETWORK = {
-    "network_def#channels": [8, 16],
-    "network_def#attention_levels": [False, True],
-    "network_def#norm_num_groups": 8,
-    "network_def#num_head_channels": 8,
+    "network_def": {
+        "_target_": "bundle.networks.SlabDenoiser",
+        "slab_size": "@slab_size",
+        "separations": "@separations",
+        "channels": [8, 16],
+        "attention_levels": [False, True],
+        "norm_num_groups": 8,
+        "num_head_channels": 8,
+    }
 }
 
 

@@ -17,9 +17,9 @@ from tests.conftest import TINY_NETWORK, subprocess_env, write_crop
 pytestmark = pytest.mark.slow
 
 
-def datalist(folder: Path, names: list[str]) -> Path:
+def datalist(folder: Path, names: list[str], validation: list[str] = ()) -> Path:
     path = folder / "datalist.json"
-    path.write_text(json.dumps({"training": [{"image": n} for n in names]}))
+    path.write_text(json.dumps({"training": [{"image": n} for n in names], "validation": [{"image": n} for n in validation]}))
     return path
 
 
@@ -48,8 +48,12 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_train_config_writes_loadable_weights(root: Path, python: str, work: Path) -> None:
-    train(root, python, work)
+def test_train_config_validates_and_writes_loadable_weights(root: Path, python: str, work: Path) -> None:
+    write_crop(work / "val.nii.gz", xy=32, slices=5)
+    datalist(work, ["a.nii.gz", "b.nii.gz"], validation=["val.nii.gz"])
+    train(root, python, work, val_interval=1, val_steps=2)
+    best = torch.load(work / "run" / "best" / "model_best.pt", weights_only=True)
+    assert set(best) == set(torch.load(work / "run" / "model.pt", weights_only=True))
     net = SlabDenoiser(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
     state = torch.load(work / "run" / "model.pt", weights_only=True)
     assert set(state) == set(net.state_dict())
