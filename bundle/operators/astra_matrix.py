@@ -4,7 +4,8 @@ The slice projector of a parallel- or fan-beam :mod:`bundle.geometry` is exporte
 ``astra.projector.matrix`` / ``astra.matrix.get`` (scipy CSR, rows ``n_views * det_count`` in
 view-major order, columns ``H * W`` row-major), converted to torch sparse CSR tensors (the
 matrix and its explicit transpose), and applied to all ``Z`` slices at once as one sparse
-matmul on ``(H * W, Z)``. The adjoint is the transposed matrix, so ``A.T`` is the exact
+matmul on ``(H * W, Z)`` (the forward matrix's pixel columns are stored in 8x8-tile order
+for memory locality, :func:`tiled_forward_matrix`). The adjoint is the transposed matrix, so ``A.T`` is the exact
 adjoint of ``A`` up to floating-point summation order. Matrices are cached per geometry
 (LRU), and moved lazily to the device and dtype of the input (CPU or CUDA).
 
@@ -24,7 +25,7 @@ import torch
 from bundle.geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
 from bundle.operators.base import LinearOperator
 
-__all__ = ["AstraMatrixOperator", "astra_geometries", "PROJECTORS", "slice_matrix"]
+__all__ = ["AstraMatrixOperator", "astra_geometries", "PROJECTORS", "slice_matrix", "tiled_forward_matrix", "tile_order"]
 
 #: ASTRA 2D CPU projector kinds allowed per beam; the first is the default.
 PROJECTORS: dict[str, tuple[str, ...]] = {
@@ -85,6 +86,44 @@ def slice_matrix(geometry: Geometry, projector: str) -> tuple[torch.Tensor, torc
     return _to_torch(mat), _to_torch(mat_t)
 
 
+#: Side of the square pixel tiles of the forward matrix's column order (see :func:`tiled_forward_matrix`).
+TILE: int = 8
+
+
+def tile_order(h: int, w: int, tile: int = TILE) -> np.ndarray:
+    """Row-major pixel indices of an ``h x w`` image listed tile by tile (``tile x tile`` tiles, row-major inside)."""
+    r, c = np.mgrid[:h, :w]
+    tiles_per_row = -(-w // tile)
+    key = ((r // tile) * tiles_per_row + c // tile) * tile * tile + (r % tile) * tile + c % tile
+    return np.argsort(key.reshape(-1), kind="stable")
+
+
+@functools.lru_cache(maxsize=8)
+def tiled_forward_matrix(geometry: Geometry, projector: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slice matrix with its pixel columns in tile order, and that order (LRU cached).
+
+    A ray's pixels are then close in memory at every angle, which roughly halves the cost of
+    the forward sparse matmul (it gathers rows of the ``(H * W, Z)`` volume); the product is
+    the same because the volume's rows are permuted the same way.
+    """
+    m, _ = slice_matrix(geometry, projector)
+    _, h, w = geometry.vol_shape
+    order = tile_order(h, w)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    col = torch.from_numpy(inverse)[m.col_indices().long()]
+    # re-sort each row's columns (CSR invariant), keeping the values with them
+    crow = m.crow_indices().long()
+    row = torch.repeat_interleave(torch.arange(m.shape[0]), crow[1:] - crow[:-1])
+    idx = torch.argsort(row * m.shape[1] + col)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        tiled = torch.sparse_csr_tensor(
+            m.crow_indices(), col[idx].to(m.col_indices().dtype), m.values()[idx], size=m.shape, check_invariants=False
+        )
+    return tiled, torch.from_numpy(order)
+
+
 def _to_torch(m: "object") -> torch.Tensor:
     index_dtype = torch.int32 if m.nnz < 2**31 - 1 else torch.int64  # type: ignore[attr-defined]
     with warnings.catch_warnings():
@@ -122,15 +161,24 @@ class AstraMatrixOperator(LinearOperator):
         astra_geometries(geometry)  # validates (square pixels) before any matrix is built
         super().__init__(geometry.vol_shape, geometry.sino_shape, device, check_finite)
         self.geometry = geometry
-        self._mats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def matrices(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slice matrix ``M`` and ``M^T`` (sparse CSR) on the operator's device in ``dtype``."""
+    def _device_matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (self.device, dtype)
         if key not in self._mats:
-            m, mt = slice_matrix(self.geometry, self.projector)
-            self._mats[key] = (m.to(dtype=dtype).to(self.device), mt.to(dtype=dtype).to(self.device))
+            tiled, order = tiled_forward_matrix(self.geometry, self.projector)
+            _, mt = slice_matrix(self.geometry, self.projector)
+            self._mats[key] = (
+                tiled.to(dtype=dtype).to(self.device),
+                order.to(self.device),
+                mt.to(dtype=dtype).to(self.device),
+            )
         return self._mats[key]
+
+    def matrices(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slice matrix ``M`` (natural pixel order) and ``M^T`` as sparse CSR on the operator's device."""
+        m, mt = slice_matrix(self.geometry, self.projector)
+        return m.to(dtype=dtype).to(self.device), self._device_matrices(dtype)[2]
 
     def to(self, device: torch.device | str) -> "AstraMatrixOperator":
         """The same operator on another device."""
@@ -140,14 +188,14 @@ class AstraMatrixOperator(LinearOperator):
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         z, h, w = self.domain_shape
-        m, _ = self.matrices(x.dtype)
-        out = torch.sparse.mm(m, x.reshape(z, h * w).T.contiguous())
+        tiled, order, _ = self._device_matrices(x.dtype)
+        out = torch.sparse.mm(tiled, x.reshape(z, h * w).index_select(1, order).T)
         return out.T.reshape(self.range_shape).contiguous()
 
     def _apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         z, v, d = self.range_shape
-        _, mt = self.matrices(y.dtype)
-        out = torch.sparse.mm(mt, y.reshape(z, v * d).T.contiguous())
+        _, _, mt = self._device_matrices(y.dtype)
+        out = torch.sparse.mm(mt, y.reshape(z, v * d).T)
         return out.T.reshape(self.domain_shape).contiguous()
 
     def __repr__(self) -> str:

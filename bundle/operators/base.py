@@ -27,7 +27,8 @@ def check_tensor(x: torch.Tensor, shape: tuple[int, ...], name: str, check_finit
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
-    if check_finite and not bool(torch.isfinite(x).all()):
+    # A finite sum proves every entry finite (NaN and Inf propagate); only then is it cheap.
+    if check_finite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -42,7 +43,7 @@ class _Apply(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         op: LinearOperator = ctx.op  # type: ignore[attr-defined]
-        return _Apply.apply(grad.contiguous(), op.T), None
+        return _Apply.apply(grad, op.T), None
 
 
 class LinearOperator(abc.ABC):
@@ -76,11 +77,11 @@ class LinearOperator(abc.ABC):
 
     @abc.abstractmethod
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward map on a checked tensor of ``domain_shape``."""
+        """Forward map on a checked (possibly non-contiguous) tensor of ``domain_shape``."""
 
     @abc.abstractmethod
     def _apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        """Adjoint map on a checked tensor of ``range_shape``."""
+        """Adjoint map on a checked (possibly non-contiguous) tensor of ``range_shape``."""
 
     def _check_device(self, x: torch.Tensor, name: str) -> None:
         if x.device.type != self.device.type or (
@@ -92,7 +93,7 @@ class LinearOperator(abc.ABC):
         """Apply the operator (differentiable)."""
         check_tensor(x, self.domain_shape, f"input of {type(self).__name__}", self.check_finite)
         self._check_device(x, "input")
-        return _Apply.apply(x.contiguous(), self)
+        return _Apply.apply(x, self)
 
     @property
     def T(self) -> "LinearOperator":
