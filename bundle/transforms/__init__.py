@@ -1,6 +1,20 @@
-"""MONAI MapTransforms of the bundle."""
+"""MONAI MapTransforms of the bundle, and the (1, X, Y, Z) <-> (Z, Y, X) layout helpers."""
 
 from bundle.transforms.intensity import HUToNormalizedd, ValidateVolumed
+from bundle.transforms.layout import from_zhw, to_zhw, voxel_size_zhw
+from bundle.transforms.sinogram import LoadSinogramd, SimulateSinogramd, load_sinogram, save_sinogram
 from bundle.transforms.slab import RandSlabd, slab_span
 
-__all__ = ["HUToNormalizedd", "RandSlabd", "ValidateVolumed", "slab_span"]
+__all__ = [
+    "HUToNormalizedd",
+    "LoadSinogramd",
+    "RandSlabd",
+    "SimulateSinogramd",
+    "ValidateVolumed",
+    "from_zhw",
+    "load_sinogram",
+    "save_sinogram",
+    "slab_span",
+    "to_zhw",
+    "voxel_size_zhw",
+]

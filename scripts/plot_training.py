@@ -1,0 +1,57 @@
+"""Plot the training loss (and validation PSNR when logged) of a training run from its TensorBoard events.
+
+Usage:
+    python scripts/plot_training.py runs/train --out docs/figures/training_loss.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+
+def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """All values of ``tag`` across the event files of ``run_dir`` (resumed runs append files), by step."""
+    steps, values = {}, {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            for e in acc.Scalars(tag):
+                steps[e.step], values[e.step] = e.step, e.value
+    order = sorted(steps)
+    return np.array(order), np.array([values[s] for s in order])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, default=Path("docs/figures/training_loss.png"))
+    p.add_argument("--smooth", type=int, default=50, help="moving-average window (iterations)")
+    args = p.parse_args()
+    steps, loss = read_scalars(args.run_dir, "train_loss")
+    if len(steps) == 0:
+        raise SystemExit(f"no 'train_loss' scalars in {args.run_dir}")
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, loss, color="0.8", lw=0.5, label="per iteration")
+    if len(loss) >= args.smooth:
+        kernel = np.ones(args.smooth) / args.smooth
+        ax.plot(steps[args.smooth - 1:], np.convolve(loss, kernel, mode="valid"), color="C0", label=f"mean of {args.smooth}")
+    ax.set(xlabel="iteration", ylabel="MSE (epsilon)", yscale="log", title="Slab prior training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out)
+    print(f"{args.out}: {len(steps)} iterations, last mean loss {loss[-min(len(loss), args.smooth):].mean():.4f}")
+
+
+if __name__ == "__main__":
+    main()
