@@ -29,7 +29,7 @@ from bundle.geometry import Geometry, limited_angle, sparse_view
 from bundle.io import save_json, save_nifti, save_orthogonal_views
 from bundle.metrics import reconstruction_metrics
 from bundle.networks import load_weights
-from bundle.physics import MU_WATER, normalized_to_hu, simulate_sinogram
+from bundle.physics import MU_WATER, hu_to_normalized, normalized_to_hu, simulate_sinogram
 from bundle.transforms.layout import from_zhw, to_zhw, voxel_size_zhw
 from bundle.transforms.sinogram import load_sinogram
 
@@ -96,6 +96,7 @@ class Reconstruction:
         hu_max: HU mapped to 1 by the preprocessing (``HUToNormalizedd``), for writing HU back.
         backend: projector backend for ``make_operator``.
         save_png: write the orthogonal-view figure.
+        display_hu_max: HU shown as white in the figure (black is air, -1000 HU).
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class Reconstruction:
         hu_max: float = 2000.0,
         backend: str = "auto",
         save_png: bool = True,
+        display_hu_max: float = 1000.0,
     ) -> None:
         if int(samples) < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
@@ -145,6 +147,7 @@ class Reconstruction:
         self.mu_max = MU_WATER * (1.0 + float(hu_max) / 1000.0)
         self.backend = backend
         self.save_png = bool(save_png)
+        self.display_hu_max = float(display_hu_max)
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -242,14 +245,17 @@ class Reconstruction:
             "samples": self.samples,
             **stats,
         }
+        window = float(hu_to_normalized(torch.tensor(self.display_hu_max), MU_WATER, self.mu_max))
         shown = [("reconstruction", to_zhw(out[None]))]
         if truth is not None:
             metrics.update(reconstruction_metrics(to_zhw(out[None]), to_zhw(truth[None])))
             shown.append(("ground truth", to_zhw(truth[None])))
-        if out_std is not None:
-            shown.append(("std", to_zhw(out_std[None]) / max(float(out_std.max()), 1e-8)))
+        if out_std is not None:  # scaled so that the largest std is white
+            shown.append(("std (scaled)", to_zhw(out_std[None]) * (window / max(float(out_std.max()), 1e-8))))
         if self.save_png:
-            save_orthogonal_views(shown, self.output_dir / f"{name}_views.png", title=f"{name}: {metrics['method']}")
+            save_orthogonal_views(
+                shown, self.output_dir / f"{name}_views.png", vmax=window, title=f"{name}: {metrics['method']}"
+            )
         metrics["total_seconds"] = time.perf_counter() - start
         save_json(metrics, self.output_dir / "metrics.json")
         logger.info("wrote %s", self.output_dir / f"{name}_recon.nii.gz")
@@ -269,8 +275,6 @@ class Reconstruction:
     def _original(self, image: Any) -> torch.Tensor:
         """The input volume in normalised attenuation on its own grid ``(X, Y, Z)``, as the ground truth."""
         from monai.transforms import LoadImage
-
-        from bundle.physics import hu_to_normalized
 
         hu = LoadImage(image_only=True, ensure_channel_first=True)(str(self.input_path))
         return hu_to_normalized(torch.as_tensor(hu)[0].float(), MU_WATER, self.mu_max)
