@@ -75,7 +75,8 @@ def sample(
         on_step: optional observer ``on_step(step, x0)`` (e.g. for figures); it cannot change the result.
 
     Returns:
-        The final estimate x0 after data consistency, as the image in [0, 1], shape ``(Z, H, W)``.
+        The final estimate x0 after data consistency as the image ``(Z, H, W)``, clipped to the
+        prior's range [0, 1] (attenuation is not negative).
     """
     if x_T.ndim != 3:
         raise ValueError(f"expected a start volume (Z, H, W), got shape {tuple(x_T.shape)}")
@@ -115,4 +116,4 @@ def sample(
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         noise = eta * z + (1 - eta**2) ** 0.5 * eps
         x_t = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * noise
-    return image
+    return image.clamp(0, 1)

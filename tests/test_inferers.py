@@ -1,0 +1,79 @@
+"""Methods behind one switch: make_inferer, the diffusion inferer's checks, counts and determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bundle.geometry import sparse_view
+from bundle.networks import SlabDenoiser
+from bundle.operators import make_operator
+from bundle.recon.inferers import METHODS, DiffusionBlendInferer, PeakMemory, make_inferer, method_slab_size
+from bundle.recon.partitions import DiffusionBlendPPSchedule, ShiftedSchedule, SliceSchedule
+
+TINY = {"channels": (8, 16), "attention_levels": (False, False), "norm_num_groups": 8, "num_head_channels": 8}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    geometry = sparse_view(6, (5, 16, 16), (3.0, 3.0, 3.0))
+    operator = make_operator(geometry)
+    x = torch.zeros(geometry.vol_shape)
+    x[:, 4:12, 5:11] = 0.3
+    return operator, operator(x)
+
+
+def test_switch():
+    assert METHODS == ("dbpp", "db", "fixed", "dds2d", "mbir", "fbp", "sirt", "tv")
+    assert isinstance(make_inferer().schedule, DiffusionBlendPPSchedule)
+    assert isinstance(make_inferer("db").schedule, ShiftedSchedule)
+    assert isinstance(make_inferer("dds2d", slab_size=3).schedule, SliceSchedule)
+    assert make_inferer("mbir").data_consistency == "ztv"
+    assert make_inferer("sirt", steps=3, n_iter=4).inner.n_iter == 4  # unrelated settings are ignored
+    assert [method_slab_size(m) for m in ("dbpp", "dds2d", "fbp")] == [3, 1, None]
+    with pytest.raises(ValueError, match="unknown reconstruction method 'magic'"):
+        make_inferer("magic")
+
+
+def test_diffusion_inferer_counts_and_is_deterministic(problem):
+    operator, y = problem
+    torch.manual_seed(0)
+    network = SlabDenoiser(slab_size=3, **TINY)
+    inferer = make_inferer("dbpp", steps=3, batch_size=2, seed=5)
+    first = inferer(y, network, operator)
+    stats = inferer.stats
+    assert first.shape == (5, 16, 16) and 0 <= float(first.min()) and float(first.max()) <= 1
+    assert stats["nfe"] == 3 and stats["network_calls"] >= 3 and stats["slab_evaluations"] >= 3 * 2
+    assert 0 < stats["network_share"] <= 1 and stats["peak_memory_mb"] > 0
+    torch.testing.assert_close(inferer(y, network, operator), first, rtol=0, atol=0)
+    assert not torch.equal(inferer(y, network, operator, seed=6), first)
+
+
+def test_diffusion_inferer_checks(problem):
+    operator, y = problem
+    network_2d = SlabDenoiser(slab_size=1, separations=(1,), **TINY)
+    with pytest.raises(ValueError, match="slab_size=3.*slab_size=1"):
+        make_inferer("dbpp", steps=2)(y, network_2d, operator)
+    with pytest.raises(ValueError, match="sinogram has shape"):
+        make_inferer("dds2d", steps=2)(y[:, :-1], network_2d, operator)
+    with pytest.raises(ValueError, match="data_consistency"):
+        DiffusionBlendInferer(data_consistency="magic")
+
+
+def test_classical_inferer_has_stats(problem):
+    operator, y = problem
+    inferer = make_inferer("fbp")
+    out = inferer(y, None, operator)
+    assert out.shape == (5, 16, 16) and inferer.stats["nfe"] == 0 and inferer.stats["seconds"] > 0
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory("cpu", interval=0.001) as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block += 1
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        import time
+
+        time.sleep(0.05)
+    del block
+    assert memory.increase_bytes > 32 * 2**20
