@@ -265,4 +265,4 @@ def blend(
         sep = torch.full((b,), partition.separation, dtype=torch.long, device=x_t.device)
         eps = denoiser(x, t.expand(b), sep)
         out.index_add_(0, index, eps.reshape(b * k, *x_t.shape[1:]).to(out.dtype))
-    return out / count.to(device=out.device, dtype=out.dtype).reshape(-1, 1, 1)
+    return out.div_(count.to(device=out.device, dtype=out.dtype).reshape(-1, 1, 1))

@@ -102,18 +102,19 @@ def sample(
             eps = blend(denoiser, x_t, t, partition, batch_size).float()
 
         # 2. Tweedie estimate of the clean volume, clipped to the model's range [-1, 1]
-        x0 = ((x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5).clamp(-1, 1)
+        x0 = (x_t - (1 - a_t) ** 0.5 * eps).div_(a_t**0.5).clamp_(-1, 1)
 
         # 3. data consistency on the [0, 1] image
-        image = (x0 + 1) / 2
+        image = x0.add_(1).div_(2)  # in place: the volume-sized buffers are what memory scales with
         if data_consistency is not None:
             image = data_consistency(image)
-        x0 = 2 * image - 1
+        x0 = image.mul(2).sub_(1)
         if on_step is not None:
             on_step(step, image)
 
         # 4. DDIM re-noise to t_prev with eta (fresh noise z, the predicted eps for the rest)
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        noise = eta * z + (1 - eta**2) ** 0.5 * eps
-        x_t = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * noise
+        noise = z.mul_(eta).add_(eps, alpha=(1 - eta**2) ** 0.5)
+        del eps
+        x_t = x0.mul_(a_prev**0.5).add_(noise, alpha=(1 - a_prev) ** 0.5)
     return image.clamp(0, 1)
