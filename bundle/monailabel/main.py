@@ -35,7 +35,6 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
-from monailabel.interfaces.tasks.strategy import Strategy
 
 import bundle
 from bundle.monailabel.infer_tasks import SINOGRAM_CT, SPARSE_VIEW_CT, ReconstructionTask
@@ -147,9 +146,6 @@ class DiffusionBlendCTApp(MONAILabelApp):
                 **common,
             ),
         }
-
-    def init_strategies(self) -> dict[str, Strategy]:
-        return {}  # no active learning: nothing here is labelled
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """Run an infer task on a study id of the studies folder (or an uploaded file); never save a label.
