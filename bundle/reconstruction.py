@@ -170,11 +170,14 @@ class Reconstruction:
             load_weights(network, ckpt)
         return network.to(self.device)
 
-    def _reconstruct(self, sino: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        """Mean (and std over samples) of the reconstructions ``(Z, H, W)`` and the cost of the first."""
+    def operator(self, geometry: Geometry) -> Any:
+        """The projector of ``geometry`` on this workflow's device and backend."""
         from bundle.operators import make_operator
 
-        operator = make_operator(geometry, backend=self.backend, device=self.device)
+        return make_operator(geometry, backend=self.backend, device=self.device)
+
+    def _reconstruct(self, sino: torch.Tensor, operator: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """Mean (and std over samples) of the reconstructions ``(Z, H, W)`` and their total cost."""
         network = self.prior()
         sino = sino.to(self.device)
         recons, runs = [], []
@@ -204,7 +207,7 @@ class Reconstruction:
         truth = None
         if self.is_sinogram():
             sino, geometry = load_sinogram(self.input_path, self.geometry_path)
-            recon, std, stats = self._reconstruct(sino, geometry)
+            recon, std, stats = self._reconstruct(sino, self.operator(geometry))
             dz, dy, dx = geometry.voxel_size
             affine = np.diag([dx, dy, dz, 1.0])
             affine[:3, 3] = -0.5 * (np.array(recon.shape[::-1]) - 1) * np.array([dx, dy, dz])
@@ -219,14 +222,12 @@ class Reconstruction:
             geometry = make_geometry(
                 tuple(x.shape), voxel_size_zhw(image), self.views, self.arc_degrees, self.step_degrees, self.beam
             )
-            from bundle.operators import make_operator
-
-            operator = make_operator(geometry, backend=self.backend, device=self.device)
+            operator = self.operator(geometry)
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
             sino = simulate_sinogram(
                 x.to(self.device), operator, self.photons, self.electronic_noise, generator, mu_max=self.mu_max
             )
-            recon, std, stats = self._reconstruct(sino, geometry)
+            recon, std, stats = self._reconstruct(sino, operator)
             out, affine = self._invert(image, recon)
             out_std = self._invert(image, std)[0] if std is not None else None
             truth = self._original(image)
