@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
@@ -13,6 +14,7 @@ from bundle.geometry import limited_angle, sparse_view
 from bundle.metrics import reconstruction_metrics
 from bundle.operators import make_operator
 from bundle.recon.inferers import DiffusionBlendInferer
+from bundle.training import save_state_dict
 from bundle.transforms.layout import to_zhw
 
 __all__ = ["SparseViewValidation"]
@@ -26,8 +28,9 @@ class SparseViewValidation:
     For each validation volume it simulates a noiseless sparse-view (or limited-angle) sinogram
     with the ASTRA projector, reconstructs it with score blending at a small number of steps
     using ``network`` (typically the EMA weights), and stores the mean PSNR / SSIM (on the
-    [0, 1] scale) in ``engine.state.metrics`` under ``metric_name`` and ``"val_ssim"``, where a
-    ``CheckpointSaver(save_key_metric=True)`` attached after this handler keeps the best weights.
+    [0, 1] scale) in ``engine.state.metrics`` under ``metric_name`` and ``"val_ssim"``. When
+    ``best_path`` is given, the weights with the best PSNR so far are written there (a plain
+    state dict, atomically).
 
     Args:
         network: the denoiser to validate.
@@ -40,6 +43,7 @@ class SparseViewValidation:
         metric_name: where the PSNR goes in ``engine.state.metrics``.
         key: the image key of ``volumes``.
         backend: projector backend (``bundle.operators.make_operator``).
+        best_path: where the best weights go (``None``: not kept).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class SparseViewValidation:
         metric_name: str = "val_psnr",
         key: str = "image",
         backend: str = "auto",
+        best_path: str | Path | None = None,
     ) -> None:
         self.network = network
         self.volumes = volumes
@@ -65,6 +70,8 @@ class SparseViewValidation:
         self.metric_name = metric_name
         self.key = key
         self.backend = backend
+        self.best_path = Path(best_path) if best_path else None
+        self.best = float("-inf")
 
     def attach(self, engine: Engine) -> None:
         if self.interval > 0:
@@ -95,3 +102,7 @@ class SparseViewValidation:
             f"epoch {engine.state.epoch}: sparse-view validation ({self.views} views, {self.inferer.steps} steps) "
             f"PSNR {psnr:.2f} dB, SSIM {ssim:.4f} over {len(scores)} volume(s)"
         )
+        if psnr > self.best:
+            self.best = psnr
+            if self.best_path is not None:
+                save_state_dict(self.network, self.best_path)

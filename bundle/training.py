@@ -9,7 +9,14 @@ from ignite.engine import Engine, Events
 from monai.inferers import DiffusionInferer
 from torch import nn
 
-__all__ = ["SaveWeights", "SlabDiffusionInferer", "StopAfterIterations", "attach_handlers", "latest_checkpoint"]
+__all__ = [
+    "SaveWeights",
+    "SlabDiffusionInferer",
+    "StopAfterIterations",
+    "attach_handlers",
+    "latest_checkpoint",
+    "save_state_dict",
+]
 
 
 def latest_checkpoint(folder: str | Path) -> str | None:
@@ -101,13 +108,18 @@ class SaveWeights:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if engine.state.iteration == 0 or _rank() != 0:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        state = {k: v.detach().cpu().clone() for k, v in _unwrap(self.network).state_dict().items()}
-        torch.save(state, tmp)
-        tmp.replace(self.path)
+        if engine.state.iteration > 0 and _rank() == 0:
+            save_state_dict(self.network, self.path)
+
+
+def save_state_dict(network: nn.Module, path: str | Path) -> Path:
+    """Write ``network``'s weights (unwrapped from DDP) as a plain state dict, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({k: v.detach().cpu().clone() for k, v in _unwrap(network).state_dict().items()}, tmp)
+    tmp.replace(path)
+    return path
 
 
 def _unwrap(network: nn.Module) -> nn.Module:

@@ -59,5 +59,5 @@ def write_crop(path: Path, xy: int = 32, slices: int = 8, hu: np.ndarray | None 
 def subprocess_env() -> dict:
     """Environment for child processes: one thread each, the package importable."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONIOENCODING="utf-8")
     return env

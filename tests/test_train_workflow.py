@@ -34,7 +34,7 @@ def train(root: Path, python: str, work: Path, *, configs: str = "configs/train.
     cmd = (launcher or [python]) + ["-m", "monai.bundle", "run", "training", "--config_file", configs]
     for key, value in settings.items():
         cmd += [f"--{key}", repr(value) if not isinstance(value, str) else value]
-    proc = subprocess.run(cmd, cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=root, env=subprocess_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -52,7 +52,7 @@ def test_train_config_validates_and_writes_loadable_weights(root: Path, python: 
     write_crop(work / "val.nii.gz", xy=32, slices=5)
     datalist(work, ["a.nii.gz", "b.nii.gz"], validation=["val.nii.gz"])
     train(root, python, work, val_interval=1, val_steps=2)
-    best = torch.load(work / "run" / "best" / "model_best.pt", weights_only=True)
+    best = torch.load(work / "run" / "model_best.pt", weights_only=True)
     assert set(best) == set(torch.load(work / "run" / "model.pt", weights_only=True))
     net = SlabDenoiser(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
     state = torch.load(work / "run" / "model.pt", weights_only=True)
