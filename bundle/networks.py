@@ -29,6 +29,9 @@ class SlabDenoiser(nn.Module):
         num_res_blocks: residual blocks per level.
         norm_num_groups: groups of the group norms (must divide every entry of ``channels``).
         num_head_channels: channels per attention head.
+
+    Attributes:
+        size_divisor: what the slices' H and W must be divisible by (``2**(levels-1)``).
     """
 
     def __init__(
@@ -51,6 +54,8 @@ class SlabDenoiser(nn.Module):
             raise ValueError(f"channels {tuple(channels)} and attention_levels {tuple(attention_levels)} differ in length")
         self.slab_size = int(slab_size)
         self.separations = separations
+        # each level below the first halves H and W, so both must be divisible by this
+        self.size_divisor = 2 ** (len(channels) - 1)
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
             in_channels=self.slab_size,

@@ -28,6 +28,7 @@ import torch
 from monai.inferers import Inferer
 
 from bundle.recon.data_consistency import ConjugateGradientDC, ZTVDataConsistency
+from bundle.recon.padding import CroppedDataConsistency, centre_crop, working_shape
 from bundle.recon.partitions import make_schedule
 from bundle.recon.sampler import linear_alphas_cumprod, sample
 
@@ -154,6 +155,10 @@ class DiffusionBlendInferer(Inferer):
         beta_end: last beta of the linear training schedule.
         mixed_precision: autocast the network on CUDA.
         progress: show a progress bar.
+        image_size: smallest in-plane size of the working volume (the prior's training size);
+            ``None``: only the network's divisor applies. A smaller or non-divisible operator
+            domain is padded for the prior and cropped for data consistency and the result
+            (``bundle.recon.padding``).
     """
 
     def __init__(
@@ -176,6 +181,7 @@ class DiffusionBlendInferer(Inferer):
         beta_end: float = 0.02,
         mixed_precision: bool = True,
         progress: bool = False,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         if data_consistency not in ("cg", "ztv"):
@@ -195,6 +201,7 @@ class DiffusionBlendInferer(Inferer):
         self.alphas_cumprod = linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
         self.mixed_precision = bool(mixed_precision)
         self.progress = bool(progress)
+        self.image_size = int(image_size) if image_size else None
         self.stats: dict[str, Any] = {}
 
     def make_data_consistency(self, operator: Any, measurements: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -216,6 +223,10 @@ class DiffusionBlendInferer(Inferer):
             operator: the projector ``A`` (``bundle.operators``).
             seed: overrides the constructor's seed (e.g. for several samples).
 
+        The network runs on the operator's domain padded in-plane to a multiple of its
+        ``size_divisor`` (and to at least ``image_size``); data consistency and the returned
+        volume are on the domain itself.
+
         Raises:
             ValueError: the network's slab size differs from the method's, or the sinogram
                 does not fit the operator.
@@ -234,15 +245,21 @@ class DiffusionBlendInferer(Inferer):
         was_training = getattr(network, "training", False)
         if hasattr(network, "eval"):
             network.eval()
+        domain = tuple(int(s) for s in operator.domain_shape)
+        padded = working_shape(domain, int(getattr(network, "size_divisor", 1)), self.image_size)
+        data_consistency: Callable[[torch.Tensor], torch.Tensor] = self.make_data_consistency(operator, inputs.float())
+        crop = centre_crop(domain, padded)
+        if padded != domain:
+            data_consistency = CroppedDataConsistency(data_consistency, crop)
         start = time.perf_counter()
         try:
             with PeakMemory(device) as memory:
-                x_T = torch.randn(tuple(operator.domain_shape), generator=generator, device=device)
+                x_T = torch.randn(padded, generator=generator, device=device)
                 recon = sample(
                     denoiser,
                     x_T,
                     self.schedule,
-                    self.make_data_consistency(operator, inputs.float()),
+                    data_consistency,
                     self.alphas_cumprod,
                     num_steps=self.steps,
                     eta=self.eta,
@@ -251,6 +268,8 @@ class DiffusionBlendInferer(Inferer):
                     mixed_precision=self.mixed_precision,
                     progress=self.progress,
                 )
+                if padded != domain:
+                    recon = recon[crop].contiguous()
         finally:
             if was_training and hasattr(network, "train"):
                 network.train()
@@ -265,6 +284,7 @@ class DiffusionBlendInferer(Inferer):
             "peak_memory_mb": memory.peak_bytes / 2**20,
             "peak_memory_increase_mb": memory.increase_bytes / 2**20,
             "memory_kind": memory.kind,
+            "working_shape": padded,
         }
         return recon
 
