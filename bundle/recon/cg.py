@@ -10,7 +10,8 @@ __all__ = ["cg"]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.double() * b.double()).sum()
+    """``<a, b>`` accumulated in float64 without float64 copies of the operands (one product in their dtype)."""
+    return torch.sum(a * b, dtype=torch.float64)
 
 
 def cg(
