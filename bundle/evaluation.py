@@ -1,8 +1,19 @@
 """Evaluation: volumes x methods x acquisition settings into one table (CSV and JSON) and figures.
 
 Driven by ``configs/evaluate.json`` (merged over ``configs/inference.json``, whose
-preprocessing and networks it reuses). Each cell is one :class:`bundle.reconstruction.Reconstruction`
-run writing its own outputs under ``output_dir/<volume>/<setting>/<method>/``.
+preprocessing and networks it reuses) and by ``scripts/benchmark.py``. Each cell is one
+:class:`bundle.reconstruction.Reconstruction` run writing its own outputs under
+``output_dir/<volume>/<setting>/<method>[_<variant>]/``.
+
+A method is a name of :func:`bundle.recon.inferers.make_inferer` or a *variant*: a mapping
+``{"method": "tv", "variant": "lam=0.0005", "settings": {"lam": 5e-4}}`` (e.g. a sweep of a
+weight). Of the variants of one method, the best by PSNR per volume and setting is marked
+``selected``; the figures show the selected ones. A method whose prior's weights file is
+missing is not run: its row says so in ``note``.
+
+Figures per volume and setting (``figures=True``), from the written reconstructions and the
+ground truth, all in HU on one window: orthogonal views side by side, difference maps, and a
+z-profile through a high-contrast point of the ground truth (a fixed (y, x) line along z).
 """
 
 from __future__ import annotations
@@ -14,13 +25,25 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bundle.io import atomic_path, save_json
 from bundle.reconstruction import Reconstruction, input_name
-from bundle.recon.inferers import make_inferer
+from bundle.recon.inferers import make_inferer, method_slab_size
 
-__all__ = ["Evaluation", "TABLE_COLUMNS", "write_table", "plot_table"]
+__all__ = [
+    "Evaluation",
+    "TABLE_COLUMNS",
+    "NFE_COLUMNS",
+    "write_table",
+    "plot_table",
+    "plot_nfe",
+    "select_best",
+    "profile_point",
+    "comparison_figures",
+    "crop_slices",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +62,27 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "seconds",
     "nfe",
     "peak_memory_mb",
+    "variant",
+    "selected",
+    "note",
+)
+NFE_COLUMNS: tuple[str, ...] = (
+    "volume", "setting", "method", "steps", "nfe", "seconds", "psnr_3d", "ssim_3d",
+    "psnr_coronal", "psnr_sagittal", "peak_memory_mb", "note",
 )
 SETTING_KEYS = ("views", "arc_degrees", "step_degrees", "photons", "electronic_noise", "beam")
 
 
-def write_table(rows: Sequence[Mapping[str, Any]], output_dir: str | Path, name: str = "results") -> tuple[Path, Path]:
-    """Write ``rows`` as ``<name>.csv`` (the :data:`TABLE_COLUMNS`) and ``<name>.json`` (everything), atomically."""
+def write_table(
+    rows: Sequence[Mapping[str, Any]],
+    output_dir: str | Path,
+    name: str = "results",
+    columns: Sequence[str] = TABLE_COLUMNS,
+) -> tuple[Path, Path]:
+    """Write ``rows`` as ``<name>.csv`` (``columns``, :data:`TABLE_COLUMNS` by default) and ``<name>.json`` (everything), atomically."""
     output_dir = Path(output_dir)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(TABLE_COLUMNS), extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -90,12 +125,220 @@ def plot_table(rows: Sequence[Mapping[str, Any]], path: str | Path, metrics: Seq
     return path
 
 
+def plot_nfe(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "psnr_3d") -> Path:
+    """PSNR against reconstruction time, one line per method, each point (the mean over volumes) labelled with its NFE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        by_nfe: dict[Any, list[Mapping[str, Any]]] = {}
+        for r in rows:
+            if r["method"] == method and metric in r:
+                by_nfe.setdefault(r.get("nfe", r.get("steps")), []).append(r)
+        points = sorted(
+            (float(np.mean([r["seconds"] for r in group])), float(np.mean([r[metric] for r in group])), nfe)
+            for nfe, group in by_nfe.items()
+        )
+        if not points:
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+        for sec, value, nfe in points:
+            ax.annotate(str(nfe), (sec, value), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per reconstruction")
+    ax.set_ylabel(metric.replace("_", " ").upper().replace("3D", "3D (dB)"))
+    ax.set_title("quality against time (labels: NFE)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def select_best(rows: Sequence[dict[str, Any]], metric: str = "psnr_3d") -> list[dict[str, Any]]:
+    """Mark in place, per volume, setting and method, the variant with the highest ``metric`` as ``selected``.
+
+    Rows without the metric (skipped runs) are selected only when no variant has it.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["volume"], row["setting"], row["method"]), []).append(row)
+    for group in groups.values():
+        scored = [r for r in group if metric in r and np.isfinite(r[metric])]
+        best = max(scored, key=lambda r: r[metric]) if scored else group[0]
+        for row in group:
+            row["selected"] = row is best
+    return list(rows)
+
+
+def profile_point(truth: np.ndarray, size: int = 5, body_hu: float = -500.0) -> tuple[int, int]:
+    """A ``(y, x)`` of high contrast in the ground truth ``(Z, H, W)`` in HU: where the z-mean stands out most above its in-plane neighbourhood.
+
+    Only points inside the body in every slice (above ``body_hu``, with their whole
+    neighbourhood) and at least ``size`` voxels from the border count, so the edge of the
+    field of view or the air outside cannot win; where none qualifies, every point does. The
+    z-profile through the point crosses a structure (typically bone or a contrast-filled
+    vessel) in every slice, so slab artefacts and inconsistencies between slices show up as
+    jumps along z.
+    """
+    from scipy.ndimage import minimum_filter, uniform_filter
+
+    truth = np.asarray(truth, dtype=np.float64)
+    mean = truth.mean(axis=0)
+    contrast = mean - uniform_filter(mean, size=2 * size + 1, mode="nearest")
+    allowed = minimum_filter(truth.min(axis=0), size=2 * size + 1, mode="constant", cval=-np.inf) > body_hu
+    if allowed.any():
+        contrast = np.where(allowed, contrast, -np.inf)
+    y, x = np.unravel_index(int(np.argmax(contrast)), contrast.shape)
+    return int(y), int(x)
+
+
+def _load_zhw(path: str | Path) -> np.ndarray:
+    """A NIfTI volume in RAS as ``(Z, H, W)`` float32 (its stored values, HU for CT and reconstructions)."""
+    from monai.transforms import LoadImage, Orientation
+
+    from bundle.transforms.layout import to_zhw
+
+    image = Orientation(axcodes="RAS")(LoadImage(image_only=True, ensure_channel_first=True)(str(path)))
+    return np.ascontiguousarray(to_zhw(torch.as_tensor(image).float()).numpy())
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def comparison_figures(
+    truth_path: str | Path,
+    recon_paths: Sequence[tuple[str, str | Path]],
+    output_prefix: str | Path,
+    window: tuple[float, float] = (-1000.0, 1000.0),
+    diff_range: float = 500.0,
+    title: str = "",
+) -> list[Path]:
+    """Side-by-side figures of reconstructions against the ground truth (same grid, HU).
+
+    Writes ``<prefix>_views.png`` (central axial, coronal and sagittal slices: one column per
+    volume, ground truth first, one grey window), ``<prefix>_diff.png`` (reconstruction minus
+    ground truth, +-``diff_range`` HU) and ``<prefix>_zprofile.png`` (HU along z at the
+    :func:`profile_point` of the ground truth, marked by a cross in the axial views).
+
+    Args:
+        truth_path: the ground-truth volume.
+        recon_paths: ``(label, path)`` of each reconstruction, on the ground truth's grid.
+        output_prefix: path prefix of the PNGs.
+        window: HU shown as black and white.
+        diff_range: HU at the ends of the difference colour map.
+        title: figure title.
+
+    Returns:
+        The paths of the three PNGs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    truth = _load_zhw(truth_path)
+    recons = [(label, _load_zhw(path)) for label, path in recon_paths]
+    for label, volume in recons:
+        if volume.shape != truth.shape:
+            raise ValueError(f"{label}: reconstruction {volume.shape} is not on the ground truth's grid {truth.shape}")
+    z, h, w = (n // 2 for n in truth.shape)
+    py, px = profile_point(truth)
+    cuts = {
+        "axial": lambda v: v[z],
+        "coronal": lambda v: v[::-1, h, :],
+        "sagittal": lambda v: v[::-1, :, w],
+    }
+    prefix = Path(output_prefix)
+    paths = []
+    for kind, columns in (("views", [("ground truth", truth), *recons]), ("diff", [(lab, v - truth) for lab, v in recons])):
+        if not columns:
+            continue
+        fig, axes = plt.subplots(3, len(columns), figsize=(2.4 * len(columns), 7.2), squeeze=False)
+        for col, (label, volume) in enumerate(columns):
+            for row, (name, cut) in enumerate(cuts.items()):
+                ax = axes[row, col]
+                if kind == "views":
+                    shown = ax.imshow(cut(volume), cmap="gray", vmin=window[0], vmax=window[1])
+                else:
+                    shown = ax.imshow(cut(volume), cmap="RdBu_r", vmin=-diff_range, vmax=diff_range)
+                ax.set_aspect("equal" if name == "axial" else "auto")
+                if name == "axial":
+                    ax.plot([px], [py], "+", color="tab:orange", markersize=8)
+                ax.set_title(f"{label}: {name}" if row == 0 else name, fontsize=8)
+                ax.axis("off")
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.5, label="HU" if kind == "views" else "HU difference")
+        fig.suptitle(f"{title} ({'recon - truth' if kind == 'diff' else f'window {window[0]:g}..{window[1]:g} HU'})", fontsize=9)
+        paths.append(_save_figure(fig, prefix.with_name(f"{prefix.name}_{kind}.png")))
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot(truth[:, py, px], "k-", linewidth=2, label="ground truth")
+    for label, volume in recons:
+        ax.plot(volume[:, py, px], ".-", linewidth=1, markersize=3, label=label)
+    ax.set_xlabel("slice (z)")
+    ax.set_ylabel("HU")
+    ax.set_title(f"{title}: z-profile at (y, x) = ({py}, {px})", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(_save_figure(fig, prefix.with_name(f"{prefix.name}_zprofile.png")))
+    return paths
+
+
+def crop_slices(path: str | Path, max_slices: int, output_dir: str | Path) -> Path:
+    """The central ``max_slices`` axial slices of a NIfTI volume, written to ``output_dir`` under the same name (affine kept consistent).
+
+    Returns ``path`` itself when the volume has no more slices than that.
+    """
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    depth = image.shape[2]
+    if max_slices < 1:
+        raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+    if depth <= max_slices:
+        return Path(path)
+    start = (depth - max_slices) // 2
+    out = Path(output_dir) / f"{input_name(path)}.nii.gz"
+    with atomic_path(out) as tmp:
+        nib.save(image.slicer[:, :, start:start + max_slices], str(tmp))
+    return out
+
+
+def _method_spec(method: str | Mapping[str, Any]) -> dict[str, Any]:
+    """``"tv"`` or ``{"method": "tv", "variant": ..., "settings": {...}}`` -> the mapping form."""
+    if isinstance(method, str):
+        return {"method": method, "variant": "", "settings": {}}
+    if "method" not in method:
+        raise ValueError(f"a method variant needs a 'method' key, got {dict(method)}")
+    settings = dict(method.get("settings") or {})
+    variant = str(method.get("variant") or ",".join(f"{k}={v}" for k, v in settings.items()))
+    return {"method": str(method["method"]), "variant": variant, "settings": settings}
+
+
 class Evaluation:
     """Reconstruct every volume with every method under every setting; write one table and figures.
 
     Args:
         volumes: CT volumes (NIfTI/NRRD/DICOM folders) used as ground truth.
-        methods: method names of :func:`bundle.recon.inferers.make_inferer`.
+        methods: method names of :func:`bundle.recon.inferers.make_inferer`, or variants
+            ``{"method": ..., "variant": ..., "settings": {...}}`` (see the module docstring).
         settings: acquisition settings, each a mapping with a ``name`` and any of ``views``,
             ``arc_degrees``, ``step_degrees``, ``photons``, ``electronic_noise``, ``beam``.
         output_dir: where the per-run outputs, ``results.csv``, ``results.json`` and ``results.png`` go.
@@ -107,12 +350,15 @@ class Evaluation:
         device: where to reconstruct.
         hu_max: as in the preprocessing.
         make_inferer_fn: the inferer factory (for tests).
+        figures: write the comparison figures per volume and setting (:func:`comparison_figures`)
+            into ``output_dir/figures``.
+        window: HU window of the figures.
     """
 
     def __init__(
         self,
         volumes: Sequence[str | Path],
-        methods: Sequence[str],
+        methods: Sequence[str | Mapping[str, Any]],
         settings: Sequence[Mapping[str, Any]],
         output_dir: str | Path,
         preprocessing: Callable[[dict], dict],
@@ -125,6 +371,8 @@ class Evaluation:
         device: torch.device | str | None = None,
         hu_max: float = 2000.0,
         make_inferer_fn: Callable[..., Any] = make_inferer,
+        figures: bool = True,
+        window: Sequence[float] = (-1000.0, 1000.0),
     ) -> None:
         if not volumes or not methods or not settings:
             raise ValueError("evaluation needs at least one volume, one method and one setting")
@@ -132,13 +380,13 @@ class Evaluation:
             unknown = set(s) - set(SETTING_KEYS) - {"name"}
             if unknown:
                 raise ValueError(f"setting {dict(s)} has unknown keys {sorted(unknown)}; allowed: {SETTING_KEYS}")
-        for method in methods:
-            make_inferer_fn(method)  # fail early on an unknown method
+        self.methods = [_method_spec(m) for m in methods]
+        for spec in self.methods:
+            make_inferer_fn(spec["method"])  # fail early on an unknown method
         self.volumes = [Path(v) for v in volumes]
         missing = [str(v) for v in self.volumes if not v.exists()]
         if missing:
             raise FileNotFoundError(f"evaluation volumes do not exist: {missing}")
-        self.methods = list(methods)
         self.settings = [dict(s) for s in settings]
         self.output_dir = Path(output_dir)
         self.preprocessing = preprocessing
@@ -149,6 +397,8 @@ class Evaluation:
         self.device = device
         self.hu_max = float(hu_max)
         self.make_inferer_fn = make_inferer_fn
+        self.figures = bool(figures)
+        self.window = (float(window[0]), float(window[1]))
 
     @staticmethod
     def setting_name(setting: Mapping[str, Any]) -> str:
@@ -157,21 +407,42 @@ class Evaluation:
             return str(setting["name"])
         return "_".join(f"{k}{setting[k]}" for k in SETTING_KEYS if k in setting) or "default"
 
+    def missing_weights(self, method: str) -> str | None:
+        """Why ``method`` cannot run here (its prior's weights file is configured but missing), or None."""
+        k = method_slab_size(method, int(self.inferer_settings.get("slab_size", 3)))
+        if k is None:
+            return None
+        ckpt = self.ckpt_path_2d if k == 1 else self.ckpt_path
+        if ckpt and not Path(ckpt).is_file():
+            return f"skipped: no weights for its slab_size={k} prior ({ckpt} not found)"
+        return None
+
     def run(self) -> list[dict[str, Any]]:
-        """Run every cell; write ``results.csv``, ``results.json`` and ``results.png``; return the rows."""
+        """Run every cell; write ``results.csv``, ``results.json``, ``results.png`` and the figures; return the rows."""
         rows: list[dict[str, Any]] = []
         for volume in self.volumes:
             for setting in self.settings:
                 label = self.setting_name(setting)
                 acquisition = {k: setting[k] for k in SETTING_KEYS if k in setting}
-                for method in self.methods:
-                    out_dir = self.output_dir / input_name(volume) / label.replace(" ", "_") / method
-                    logger.info("evaluating %s | %s | %s", input_name(volume), label, method)
+                for spec in self.methods:
+                    method, variant = spec["method"], spec["variant"]
+                    row: dict[str, Any] = {
+                        "volume": input_name(volume), "setting": label, "method": method, "variant": variant, **acquisition
+                    }
+                    reason = self.missing_weights(method)
+                    if reason is not None:
+                        logger.warning("%s | %s | %s: %s", input_name(volume), label, method, reason)
+                        rows.append({**row, "note": reason})
+                        continue
+                    folder = method + (f"_{variant}" if variant else "")
+                    out_dir = self.output_dir / input_name(volume) / label.replace(" ", "_").replace(",", "") / folder
+                    logger.info("evaluating %s | %s | %s %s", input_name(volume), label, method, variant)
+                    inferer_settings = {**self.inferer_settings, **spec["settings"], "seed": self.seed}
                     metrics = Reconstruction(
                         input_path=volume,
                         output_dir=out_dir,
                         preprocessing=self.preprocessing,
-                        inferer=self.make_inferer_fn(method, **{**self.inferer_settings, "seed": self.seed}),
+                        inferer=self.make_inferer_fn(method, **inferer_settings),
                         network=self.network,
                         ckpt_path=self.ckpt_path,
                         network_2d=self.network_2d,
@@ -181,10 +452,22 @@ class Evaluation:
                         hu_max=self.hu_max,
                         **acquisition,
                     ).run()
-                    row = {"volume": input_name(volume), "setting": label, "method": method, **acquisition}
                     row.update({k: v for k, v in metrics.items() if k not in ("geometry", "inferer", "input")})
+                    row.update(method=method, note="", recon_path=str(out_dir / f"{input_name(volume)}_recon.nii.gz"))
                     rows.append(row)
-                    write_table(rows, self.output_dir)  # keep a partial table if a later cell fails
-        write_table(rows, self.output_dir)
-        plot_table(rows, self.output_dir / "results.png")
+                    write_table(select_best(rows), self.output_dir)  # keep a partial table if a later cell fails
+                if self.figures:
+                    self._figures(volume, label, rows)
+        write_table(select_best(rows), self.output_dir)
+        plot_table([r for r in rows if r["selected"]], self.output_dir / "results.png")
         return rows
+
+    def _figures(self, volume: Path, setting: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The comparison figures of one volume and setting (the selected variant of each method that ran)."""
+        name = input_name(volume)
+        cell = select_best([dict(r) for r in rows if r["volume"] == name and r["setting"] == setting])
+        shown = [(r["method"], r["recon_path"]) for r in cell if r["selected"] and r.get("recon_path")]
+        if not shown or not volume.is_file():
+            return
+        prefix = self.output_dir / "figures" / f"{name}_{setting.replace(' ', '_').replace(',', '')}"
+        comparison_figures(volume, shown, prefix, window=self.window, title=f"{name}, {setting}")

@@ -1,0 +1,242 @@
+"""Side-by-side benchmark of every reconstruction method on held-out CT volumes (issue 5), in one command.
+
+    python scripts/benchmark.py                                   # the full benchmark -> eval/benchmark/
+    python scripts/benchmark.py --max-slices 24 --steps 20 --views 8 --arcs --photons none
+    python scripts/benchmark.py --nfe 10 20 50 100 200            # and the NFE sweep of dbpp vs dds2d
+    python scripts/benchmark.py --datalist data/lidc/datalist.json --volumes LIDC-0001
+
+It drives ``configs/evaluate.json`` (merged over ``configs/inference.json``) through
+``monai.bundle run`` with:
+
+- volumes: the ``test`` list of ``configs/datalist_shared_ct.json`` (the ../shared/data/ct
+  volumes the shipped priors were not trained on), plus the ``test`` list of every
+  ``--datalist``; ``--volumes`` restricts them by name or gives files directly;
+- methods: ``fbp``, ``sirt``, ``tv`` (a sweep of its weight ``--tv-weights``; the best by
+  3D PSNR per volume and setting is ``selected``, every weight is in the table), ``dds2d``,
+  ``mbir``, ``fixed``, ``db``, ``dbpp``; a method whose weights file is missing (e.g.
+  ``models/model_2d.pt`` for ``dds2d`` / ``mbir``) is not run, and its row says so;
+- settings: the product of the geometries (``--views`` over 180 degrees, ``--arcs`` at
+  ``--step-degrees``) and the noise levels (``--photons``: ``none`` is noiseless).
+
+Outputs in ``--out``: ``results.csv`` / ``results.json`` (PSNR and SSIM in 3D and per
+orientation, seconds, NFE, peak memory per run), ``results.png`` (bar charts),
+``figures/<volume>_<setting>_{views,diff,zprofile}.png``, each run's reconstruction under
+``<volume>/<setting>/<method>/``, ``benchmark.json`` (the command and its settings), and with
+``--nfe`` the sweep ``nfe.csv`` / ``nfe.json`` / ``nfe.png`` (PSNR against time, dbpp vs dds2d).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import logging
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bundle.evaluation import NFE_COLUMNS, crop_slices, plot_nfe, write_table  # noqa: E402
+from bundle.io import save_json  # noqa: E402
+from bundle.reconstruction import input_name  # noqa: E402
+
+logger = logging.getLogger("benchmark")
+
+ALL_METHODS = ("fbp", "sirt", "tv", "dds2d", "mbir", "fixed", "db", "dbpp")
+SHARED_DATALIST = ROOT / "configs" / "datalist_shared_ct.json"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "ct"
+CONFIGS = [str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "evaluate.json")]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "eval" / "benchmark", help="output folder")
+    parser.add_argument("--datalist", type=Path, nargs="*", default=[], help="more datalists; their 'test' lists are added")
+    parser.add_argument("--datalist-key", default="test", help="which list of the --datalist files to read")
+    parser.add_argument("--data-root", type=Path, default=None, help="base folder of --datalist entries (default: each file's folder)")
+    parser.add_argument("--no-shared", action="store_true", help="leave out the shared held-out volumes")
+    parser.add_argument(
+        "--volumes", nargs="*", default=None,
+        help="restrict to these volumes: names (as in the table) of the listed ones, or files used directly",
+    )
+    parser.add_argument("--methods", nargs="*", default=list(ALL_METHODS), choices=ALL_METHODS)
+    parser.add_argument("--tv-weights", type=float, nargs="*", default=[1e-4, 5e-4, 2e-3], help="TV weights swept (lam)")
+    parser.add_argument("--views", type=int, nargs="*", default=[8, 6, 4], help="sparse-view settings over 180 degrees")
+    parser.add_argument("--arcs", type=float, nargs="*", default=[90.0], help="limited-angle arcs in degrees")
+    parser.add_argument("--step-degrees", type=float, default=1.0, help="angular step of the limited-angle arcs")
+    parser.add_argument("--photons", nargs="*", default=["none", "1e5"], help="noise levels: incident photons per ray, 'none' = noiseless")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (NFE) of the diffusion methods (default: the config's)")
+    parser.add_argument("--max-slices", type=int, default=None, help="keep the central N slices of each volume (quick runs)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ckpt", type=Path, default=None, help="weights of the slab prior (default models/model.pt)")
+    parser.add_argument("--ckpt-2d", type=Path, default=None, help="weights of the 2D prior (default models/model_2d.pt)")
+    parser.add_argument("--nfe", type=int, nargs="*", default=[], help="NFE sweep of dbpp vs dds2d at these step counts")
+    parser.add_argument("--nfe-setting", default=None, help="setting of the NFE sweep (default: '8 views' if run, else the first)")
+    parser.add_argument("--window", type=float, nargs=2, default=[-1000.0, 1000.0], help="HU window of the figures")
+    parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
+        help="any bundle config override, e.g. --set batch_size=32 --set 'network_def#channels=[8,16]'",
+    )
+    return parser.parse_args(argv)
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def find_volumes(args: argparse.Namespace) -> list[Path]:
+    """The benchmark's volumes: shared held-out ones and --datalist ones, restricted or replaced by --volumes."""
+    from bundle.data import load_datalist
+
+    listed: list[Path] = []
+    if not args.no_shared:
+        if SHARED_DATA.is_dir():
+            listed += [Path(e["image"]) for e in load_datalist(SHARED_DATALIST, "test", SHARED_DATA)]
+        else:
+            logger.warning("no shared data at %s: the held-out volumes of %s are left out", SHARED_DATA, SHARED_DATALIST.name)
+    for datalist in args.datalist:
+        listed += [Path(e["image"]) for e in load_datalist(datalist, args.datalist_key, args.data_root)]
+    if args.volumes is None:
+        volumes = listed
+    else:
+        volumes = []
+        for item in args.volumes:
+            if Path(item).exists():
+                volumes.append(Path(item))
+                continue
+            matches = [v for v in listed if input_name(v) == item]
+            if not matches:
+                raise SystemExit(f"--volumes {item!r} is neither a file nor one of {[input_name(v) for v in listed]}")
+            volumes += matches
+    volumes = list(dict.fromkeys(volumes))
+    if not volumes:
+        raise SystemExit("no volumes to benchmark (pass --volumes FILE or --datalist)")
+    return volumes
+
+
+def make_settings(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Geometries x noise levels, each with a readable name ("8 views", "90 degrees, 1e5 photons")."""
+    geometries = [(f"{v} views", {"views": v}) for v in args.views]
+    geometries += [(f"{a:g} degrees", {"arc_degrees": a, "step_degrees": args.step_degrees}) for a in args.arcs]
+    settings = []
+    for (name, geometry), photons in itertools.product(geometries, args.photons):
+        if str(photons).lower() in ("none", "0", "noiseless"):
+            settings.append({"name": name, **geometry})
+        else:
+            settings.append({"name": f"{name}, {float(photons):.0e} photons".replace("e+0", "e"), **geometry, "photons": float(photons)})
+    if not settings:
+        raise SystemExit("no settings: pass --views and/or --arcs")
+    return settings
+
+
+def make_methods(args: argparse.Namespace) -> list[Any]:
+    """Method names in the order given, ``tv`` expanded into its weight sweep."""
+    methods: list[Any] = []
+    for method in args.methods:
+        if method == "tv" and len(args.tv_weights) > 1:
+            methods += [{"method": "tv", "variant": f"lam={w:g}", "settings": {"lam": w}} for w in args.tv_weights]
+        elif method == "tv" and args.tv_weights:
+            methods.append({"method": "tv", "variant": f"lam={args.tv_weights[0]:g}", "settings": {"lam": args.tv_weights[0]}})
+        else:
+            methods.append(method)
+    return methods
+
+
+def run_evaluation(
+    volumes: Sequence[Path], methods: Sequence[Any], settings: Sequence[dict], out: Path, args: argparse.Namespace, **extra: Any
+) -> list[dict[str, Any]]:
+    """One ``monai.bundle run`` of configs/evaluate.json; the rows of its results.json."""
+    from monai.bundle import run
+
+    overrides: dict[str, Any] = {
+        "bundle_root": str(ROOT),
+        "eval_volumes": [str(v) for v in volumes],
+        "eval_methods": list(methods),
+        "eval_settings": list(settings),
+        "eval_dir": str(out),
+        "seed": args.seed,
+        "progress": False,
+        "evaluation#figures": not args.no_figures,
+        "evaluation#window": list(args.window),
+    }
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.device is not None:
+        overrides["device"] = args.device
+    if args.ckpt is not None:
+        overrides["ckpt_path"] = str(args.ckpt)
+    if args.ckpt_2d is not None:
+        overrides["ckpt_path_2d"] = str(args.ckpt_2d)
+    overrides.update(_overrides(args.overrides))
+    overrides.update(extra)
+    run(config_file=CONFIGS, **overrides)
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+def nfe_sweep(volumes: Sequence[Path], settings: Sequence[dict], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """dbpp and dds2d at every ``--nfe`` step count on one setting: rows with ``steps``, nfe.csv/json and nfe.png."""
+    names = [s["name"] for s in settings]
+    wanted = args.nfe_setting or ("8 views" if "8 views" in names else names[0])
+    if wanted not in names:
+        raise SystemExit(f"--nfe-setting {wanted!r} is not one of the settings {names}")
+    setting = settings[names.index(wanted)]
+    rows = []
+    for steps in args.nfe:
+        sub = argparse.Namespace(**{**vars(args), "steps": steps, "no_figures": True})
+        for row in run_evaluation(volumes, ["dbpp", "dds2d"], [setting], args.out / "nfe" / f"steps_{steps}", sub):
+            rows.append({**row, "steps": steps})
+    write_table(rows, args.out, name="nfe", columns=NFE_COLUMNS)
+    plot_nfe(rows, args.out / "nfe.png")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; return ``{"rows": ..., "nfe_rows": ..., "out": ...}``."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    volumes = find_volumes(args)
+    if args.max_slices:
+        volumes = [crop_slices(v, args.max_slices, args.out / "inputs") for v in volumes]
+    settings = make_settings(args)
+    methods = make_methods(args)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    save_json(
+        {
+            "command": " ".join(["python", "scripts/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
+            "started": started.isoformat(timespec="seconds"),
+            "host": platform.platform(),
+            "volumes": [str(v) for v in volumes],
+            "methods": methods,
+            "settings": settings,
+            "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        },
+        args.out / "benchmark.json",
+    )
+    rows = run_evaluation(volumes, methods, settings, args.out, args) if methods else []
+    nfe_rows = nfe_sweep(volumes, settings, args) if args.nfe else []
+    skipped = sorted({f"{r['method']}: {r['note']}" for r in rows + nfe_rows if str(r.get("note", "")).startswith("skipped")})
+    for line in skipped:
+        logger.warning(line)
+    logger.info("wrote %s (%d runs)", args.out / "results.csv", len(rows))
+    return {"rows": rows, "nfe_rows": nfe_rows, "out": args.out}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""scripts/benchmark.py in-process on a tiny crop of the sample with tiny random priors: table rows, columns, figures, NFE sweep."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bundle.evaluation import TABLE_COLUMNS, profile_point
+from bundle.networks import SlabDenoiser
+from tests.conftest import ROOT, write_crop
+
+TINY = {"channels": (8, 16), "attention_levels": (False, True), "norm_num_groups": 8, "num_head_channels": 8}
+TINY_SET = [
+    f"{net}#{key}={value}"
+    for net in ("network_def", "network_def_2d")
+    for key, value in (("channels", "[8,16]"), ("attention_levels", "[false,true]"), ("num_head_channels", "8"))
+]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("benchmark")
+    torch.manual_seed(0)
+    torch.save(SlabDenoiser(slab_size=3, **TINY).state_dict(), tmp / "tiny.pt")
+    torch.save(SlabDenoiser(slab_size=1, separations=(1,), **TINY).state_dict(), tmp / "tiny_2d.pt")
+    return {"crop": write_crop(tmp / "crop.nii.gz", xy=32, slices=6), "ckpt": tmp / "tiny.pt", "ckpt_2d": tmp / "tiny_2d.pt"}
+
+
+def _argv(setup: dict[str, Path], out: Path, *more: str) -> list[str]:
+    return [
+        "--out", str(out), "--no-shared", "--volumes", str(setup["crop"]),
+        "--steps", "2", "--device", "cpu", "--ckpt", str(setup["ckpt"]), "--ckpt-2d", str(setup["ckpt_2d"]),
+        "--set", "image_size=32", *[a for s in TINY_SET for a in ("--set", s)], *more,
+    ]  # fmt: skip
+
+
+def test_benchmark_table_figures_and_nfe_sweep(setup, tmp_path):
+    script = _load_script()
+    result = script.main(
+        _argv(
+            setup, tmp_path,
+            "--methods", "fbp", "tv", "dbpp", "dds2d", "mbir", "--tv-weights", "1e-4", "2e-3",
+            "--views", "6", "--arcs", "90", "--step-degrees", "15", "--photons", "none", "--nfe", "1", "2",
+        )
+    )  # fmt: skip
+    rows = result["rows"]
+    expected = [
+        (setting, method, variant)
+        for setting in ("6 views", "90 degrees")
+        for method, variant in (("fbp", ""), ("tv", "lam=0.0001"), ("tv", "lam=0.002"), ("dbpp", ""), ("dds2d", ""), ("mbir", ""))
+    ]
+    assert [(r["setting"], r["method"], r["variant"]) for r in rows] == expected
+    for r in rows:
+        for key in ("psnr_3d", "ssim_3d", "psnr_axial", "psnr_coronal", "psnr_sagittal", "ssim_sagittal", "seconds", "peak_memory_mb"):
+            assert np.isfinite(r[key]), (r["method"], key)
+        assert r["nfe"] == (2 if r["method"] in ("dbpp", "dds2d", "mbir") else 0)
+    for setting in ("6 views", "90 degrees"):
+        tv = [r for r in rows if r["setting"] == setting and r["method"] == "tv"]
+        assert sum(r["selected"] for r in tv) == 1
+        assert max(tv, key=lambda r: r["psnr_3d"])["selected"]
+
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(TABLE_COLUMNS) and len(table) == len(rows)
+    for name in ("results.png", "nfe.png", "nfe.csv", "benchmark.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    for setting in ("6_views", "90_degrees"):
+        for kind in ("views", "diff", "zprofile"):
+            assert (tmp_path / "figures" / f"crop_{setting}_{kind}.png").stat().st_size > 0
+
+    nfe = result["nfe_rows"]
+    assert sorted((r["steps"], r["method"]) for r in nfe) == [(1, "dbpp"), (1, "dds2d"), (2, "dbpp"), (2, "dds2d")]
+    assert all(r["setting"] == "6 views" and r["nfe"] == r["steps"] for r in nfe)
+
+
+def test_missing_weights_are_skipped_with_a_note(setup, tmp_path):
+    script = _load_script()
+    argv = _argv(setup, tmp_path, "--methods", "fbp", "dds2d", "--views", "4", "--arcs", "--photons", "1e5", "--no-figures")
+    argv[argv.index("--ckpt-2d") + 1] = str(tmp_path / "model_2d.pt")
+    rows = script.main(argv)["rows"]
+    assert [(r["setting"], r["method"]) for r in rows] == [("4 views, 1e5 photons", "fbp"), ("4 views, 1e5 photons", "dds2d")]
+    assert np.isfinite(rows[0]["psnr_3d"]) and rows[0]["photons"] == 1e5
+    assert "psnr_3d" not in rows[1] and "model_2d.pt not found" in rows[1]["note"]
+
+
+def test_settings_and_methods_from_options():
+    script = _load_script()
+    args = script.parse_args(["--methods", "tv", "dbpp", "--tv-weights", "1e-4", "5e-4"])
+    assert [s["name"] for s in script.make_settings(args)] == [
+        "8 views", "8 views, 1e5 photons", "6 views", "6 views, 1e5 photons",
+        "4 views", "4 views, 1e5 photons", "90 degrees", "90 degrees, 1e5 photons",
+    ]  # fmt: skip
+    assert script.make_methods(args) == [
+        {"method": "tv", "variant": "lam=0.0001", "settings": {"lam": 1e-4}},
+        {"method": "tv", "variant": "lam=0.0005", "settings": {"lam": 5e-4}},
+        "dbpp",
+    ]
+    if script.SHARED_DATA.is_dir():  # the held-out volume of configs/datalist_shared_ct.json
+        assert [v.name for v in script.find_volumes(script.parse_args([]))] == ["ts_example_ct_abdomen_pelvis_3mm.nii.gz"]
+
+
+def test_profile_point_finds_the_bright_structure_inside_the_body():
+    truth = np.full((5, 40, 40), -1000.0)
+    truth[:, 8:32, 6:34] = 40.0  # the body
+    truth[:, 15, 22] = 1000.0  # a bone inside it
+    truth[:, 0, 5] = 3000.0  # a bright border artefact in the air
+    truth[:, 9, 7] = 2000.0  # bright, but its neighbourhood leaves the body
+    assert profile_point(truth) == (15, 22)
+    assert profile_point(np.full((3, 8, 8), -1000.0)) == (0, 0)  # no body: falls back to every point
