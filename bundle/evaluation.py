@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bundle.io import atomic_path, save_json
+from bundle.io import atomic_path, save_figure, save_json
 from bundle.reconstruction import Reconstruction, input_name
 from bundle.recon.inferers import make_inferer, method_slab_size
 
@@ -116,13 +116,7 @@ def plot_table(rows: Sequence[Mapping[str, Any]], path: str | Path, metrics: Seq
         ax.set_title(metric, fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_nfe(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "psnr_3d") -> Path:
@@ -154,13 +148,7 @@ def plot_nfe(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def select_best(rows: Sequence[dict[str, Any]], metric: str = "psnr_3d") -> list[dict[str, Any]]:
@@ -209,17 +197,6 @@ def _load_zhw(path: str | Path) -> np.ndarray:
 
     image = Orientation(axcodes="RAS")(LoadImage(image_only=True, ensure_channel_first=True)(str(path)))
     return np.ascontiguousarray(to_zhw(torch.as_tensor(image).float()).numpy())
-
-
-def _save_figure(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return path
 
 
 def comparison_figures(
@@ -285,7 +262,7 @@ def comparison_figures(
                 ax.axis("off")
         fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.5, label="HU" if kind == "views" else "HU difference")
         fig.suptitle(f"{title} ({'recon - truth' if kind == 'diff' else f'window {window[0]:g}..{window[1]:g} HU'})", fontsize=9)
-        paths.append(_save_figure(fig, prefix.with_name(f"{prefix.name}_{kind}.png")))
+        paths.append(save_figure(fig, prefix.with_name(f"{prefix.name}_{kind}.png")))
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.plot(truth[:, py, px], "k-", linewidth=2, label="ground truth")
@@ -297,7 +274,7 @@ def comparison_figures(
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(_save_figure(fig, prefix.with_name(f"{prefix.name}_zprofile.png")))
+    paths.append(save_figure(fig, prefix.with_name(f"{prefix.name}_zprofile.png")))
     return paths
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["atomic_path", "save_nifti", "save_json", "save_orthogonal_views"]
+__all__ = ["atomic_path", "save_figure", "save_json", "save_nifti", "save_orthogonal_views"]
 
 
 @contextmanager
@@ -85,6 +85,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as PNG to ``path`` atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
 def save_json(data: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``data`` (tensors and numpy values converted) as indented JSON to ``path`` atomically."""
     path = Path(path)
@@ -130,10 +143,4 @@ def save_orthogonal_views(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -16,7 +16,6 @@ Outputs in ``output_dir``: ``<name>_recon.nii.gz`` (HU, on the input's grid with
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path

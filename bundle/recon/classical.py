@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
-from bundle.geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
+from bundle.geometry import FanBeamGeometry, ParallelBeamGeometry
 from bundle.operators import AstraMatrixOperator, LinearOperator, make_operator
 from bundle.operators.astra_matrix import astra_geometries, slice_matrix
 from bundle.operators.base import check_tensor
