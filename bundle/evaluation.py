@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bundle.io import atomic_path, save_figure, save_json
+from bundle.io import atomic_path, orthogonal_cuts, save_figure, save_json
 from bundle.reconstruction import Reconstruction, input_name
 from bundle.recon.inferers import make_inferer, method_slab_size
 
@@ -235,13 +235,8 @@ def comparison_figures(
     for label, volume in recons:
         if volume.shape != truth.shape:
             raise ValueError(f"{label}: reconstruction {volume.shape} is not on the ground truth's grid {truth.shape}")
-    z, h, w = (n // 2 for n in truth.shape)
     py, px = profile_point(truth)
-    cuts = {
-        "axial": lambda v: v[z],
-        "coronal": lambda v: v[::-1, h, :],
-        "sagittal": lambda v: v[::-1, :, w],
-    }
+    cuts = orthogonal_cuts(truth.shape)
     prefix = Path(output_prefix)
     paths = []
     for kind, columns in (("views", [("ground truth", truth), *recons]), ("diff", [(lab, v - truth) for lab, v in recons])):
@@ -256,8 +251,8 @@ def comparison_figures(
                 else:
                     shown = ax.imshow(cut(volume), cmap="RdBu_r", vmin=-diff_range, vmax=diff_range)
                 ax.set_aspect("equal" if name == "axial" else "auto")
-                if name == "axial":
-                    ax.plot([px], [py], "+", color="tab:orange", markersize=8)
+                if name == "axial":  # the profile point, in the flipped axial display
+                    ax.plot([truth.shape[2] - 1 - px], [truth.shape[1] - 1 - py], "+", color="tab:orange", markersize=8)
                 ax.set_title(f"{label}: {name}" if row == 0 else name, fontsize=8)
                 ax.axis("off")
         fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.5, label="HU" if kind == "views" else "HU difference")

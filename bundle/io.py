@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["atomic_path", "save_figure", "save_json", "save_nifti", "save_orthogonal_views"]
+__all__ = ["atomic_path", "orthogonal_cuts", "save_figure", "save_json", "save_nifti", "save_orthogonal_views"]
 
 
 @contextmanager
@@ -106,6 +106,20 @@ def save_json(data: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
+def orthogonal_cuts(shape: Sequence[int]) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """The central axial, coronal and sagittal slices of a ``(Z, Y, X)`` RAS volume, as radiologists view them.
+
+    Axial: anterior at the top, the patient's right on the image's left; coronal: superior at
+    the top, right on the left; sagittal: superior at the top, anterior on the left.
+    """
+    z, y, x = (int(n) // 2 for n in shape)
+    return {
+        "axial": lambda v: v[z, ::-1, ::-1],
+        "coronal": lambda v: v[::-1, y, ::-1],
+        "sagittal": lambda v: v[::-1, ::-1, x],
+    }
+
+
 def save_orthogonal_views(
     volumes: Sequence[tuple[str, torch.Tensor | np.ndarray]],
     path: str | Path,
@@ -127,15 +141,10 @@ def save_orthogonal_views(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    views: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [
-        ("axial", lambda v: v[v.shape[0] // 2]),
-        ("coronal", lambda v: v[::-1, v.shape[1] // 2, :]),
-        ("sagittal", lambda v: v[::-1, :, v.shape[2] // 2]),
-    ]
     fig, axes = plt.subplots(len(volumes), 3, figsize=(9, 3 * len(volumes)), squeeze=False)
     for row, (label, volume) in enumerate(volumes):
         v = _numpy(volume).astype(np.float32)
-        for col, (name, cut) in enumerate(views):
+        for col, (name, cut) in enumerate(orthogonal_cuts(v.shape).items()):
             ax = axes[row, col]
             ax.imshow(cut(v), cmap="gray", vmin=vmin, vmax=vmax, aspect="auto" if name != "axial" else "equal")
             ax.set_title(f"{label}: {name}", fontsize=9)

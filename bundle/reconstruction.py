@@ -246,12 +246,13 @@ class Reconstruction:
             **stats,
         }
         window = float(hu_to_normalized(torch.tensor(self.display_hu_max), MU_WATER, self.mu_max))
-        shown = [("reconstruction", to_zhw(out[None]))]
+        # the figure shows the model grid (RAS after the preprocessing), so the views are the radiological ones
+        shown = [("reconstruction", recon)]
         if truth is not None:
             metrics.update(reconstruction_metrics(to_zhw(out[None]), to_zhw(truth[None])))
-            shown.append(("ground truth", to_zhw(truth[None])))
-        if out_std is not None:  # scaled so that the largest std is white
-            shown.append(("std (scaled)", to_zhw(out_std[None]) * (window / max(float(out_std.max()), 1e-8))))
+            shown.append(("ground truth", x))
+        if std is not None:  # scaled so that the largest std is white
+            shown.append(("std (scaled)", std * (window / max(float(std.max()), 1e-8))))
         if self.save_png:
             save_orthogonal_views(
                 shown, self.output_dir / f"{name}_views.png", vmax=window, title=f"{name}: {metrics['method']}"
