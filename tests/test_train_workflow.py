@@ -85,6 +85,22 @@ def test_resume_matches_uninterrupted_run(root: Path, python: str, work: Path) -
     assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"]
 
 
+def test_init_from_weights_starts_from_them(root: Path, python: str, work: Path) -> None:
+    torch.manual_seed(3)
+    net = SlabDenoiser(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    torch.save(net.state_dict(), work / "start.pt")
+    # with a zero learning rate (the schedule's floor is 1e-6: two Adam steps move a weight by
+    # at most ~2e-6) the run ends where it started, network and EMA alike; weights drawn
+    # afresh would differ by ~0.05
+    train(root, python, work, init_from=str(work / "start.pt"), learning_rate=0.0)
+    ckpt = torch.load(work / "run" / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
+    for key in ("network", "ema"):
+        for name, value in net.state_dict().items():
+            torch.testing.assert_close(ckpt[key][name], value, rtol=0, atol=1e-5, msg=f"{key}.{name}")
+
+
 def test_two_process_torchrun_on_cpu(root: Path, python: str, work: Path) -> None:
     launcher = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     train(root, python, work, configs="['configs/train.json','configs/multi_gpu_train.json']", launcher=launcher)
