@@ -154,18 +154,9 @@ class _GeometryBase:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ParallelBeamGeometry(_GeometryBase):
-    """Stack of 2D parallel-beam slices; sinogram ``(Z, n_views, det_count)``.
+class _SliceStackGeometry(_GeometryBase):
+    """A stack of identical 2D scans, one per slice, with a line detector; sinogram ``(Z, n_views, det_count)``."""
 
-    Args:
-        vol_shape: volume shape ``(Z, H, W)``.
-        voxel_size: voxel size ``(dz, dy, dx)`` in mm.
-        angles: projection angles in radians.
-        det_count: number of detector bins per slice.
-        det_spacing: detector bin width in mm.
-    """
-
-    kind: ClassVar[str] = "parallel"
     vol_shape: tuple[int, int, int]
     voxel_size: tuple[float, float, float]
     angles: tuple[float, ...]
@@ -184,7 +175,22 @@ class ParallelBeamGeometry(_GeometryBase):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class FanBeamGeometry(_GeometryBase):
+class ParallelBeamGeometry(_SliceStackGeometry):
+    """Stack of 2D parallel-beam slices; sinogram ``(Z, n_views, det_count)``.
+
+    Args:
+        vol_shape: volume shape ``(Z, H, W)``.
+        voxel_size: voxel size ``(dz, dy, dx)`` in mm.
+        angles: projection angles in radians.
+        det_count: number of detector bins per slice.
+        det_spacing: detector bin width in mm.
+    """
+
+    kind: ClassVar[str] = "parallel"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FanBeamGeometry(_SliceStackGeometry):
     """Stack of 2D fan-beam slices with a flat detector; sinogram ``(Z, n_views, det_count)``.
 
     Args:
@@ -198,18 +204,11 @@ class FanBeamGeometry(_GeometryBase):
     """
 
     kind: ClassVar[str] = "fan"
-    vol_shape: tuple[int, int, int]
-    voxel_size: tuple[float, float, float]
-    angles: tuple[float, ...]
-    det_count: int
-    det_spacing: float
     source_origin: float
     origin_det: float
 
     def __post_init__(self) -> None:
-        self._check_common()
-        object.__setattr__(self, "det_count", _positive_int("det_count", self.det_count))
-        object.__setattr__(self, "det_spacing", _positive_float("det_spacing", self.det_spacing))
+        super().__post_init__()
         object.__setattr__(self, "source_origin", _positive_float("source_origin", self.source_origin))
         object.__setattr__(self, "origin_det", _positive_float("origin_det", self.origin_det))
         if self.source_origin <= self.fov_radius:
@@ -217,11 +216,6 @@ class FanBeamGeometry(_GeometryBase):
                 f"source_origin={self.source_origin} mm puts the source inside the field of view "
                 f"(radius {self.fov_radius:.3f} mm)"
             )
-
-    @property
-    def sino_shape(self) -> tuple[int, int, int]:
-        """Sinogram shape ``(Z, n_views, det_count)``."""
-        return (self.vol_shape[0], self.n_views, self.det_count)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
