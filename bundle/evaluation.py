@@ -7,8 +7,11 @@ preprocessing and networks it reuses) and by ``scripts/benchmark.py``. Each cell
 
 A method is a name of :func:`bundle.recon.inferers.make_inferer` or a *variant*: a mapping
 ``{"method": "tv", "variant": "lam=0.0005", "settings": {"lam": 5e-4}}`` (e.g. a sweep of a
-weight). Of the variants of one method, the best by PSNR per volume and setting is marked
-``selected``; the figures show the selected ones. A method whose prior's weights file is
+weight). A variant's ``samples`` setting (diffusion methods) makes the cell the mean of that many
+reconstructions with consecutive seeds, the posterior-mean estimate; it is reported as its own
+method row (``samples`` column), never pooled with the single-sample one. Of the variants of one
+method and number of samples, the best by PSNR per volume and setting is marked ``selected``;
+the figures show the selected ones. A method whose prior's weights file is
 missing is not run: its row says so in ``note``.
 
 Figures per volume and setting (``figures=True``), from the written reconstructions and the
@@ -40,6 +43,7 @@ __all__ = [
     "plot_table",
     "plot_nfe",
     "select_best",
+    "method_label",
     "profile_point",
     "comparison_figures",
     "crop_slices",
@@ -63,6 +67,7 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "nfe",
     "peak_memory_mb",
     "variant",
+    "samples",
     "selected",
     "note",
 )
@@ -101,14 +106,14 @@ def plot_table(rows: Sequence[Mapping[str, Any]], path: str | Path, metrics: Seq
     import numpy as np
 
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(method_label(r) for r in rows))
     metrics = [m for m in metrics if any(m in r for r in rows)]
     fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4 * max(len(metrics), 1), 3.2), squeeze=False)
     width = 0.8 / max(len(methods), 1)
     for ax, metric in zip(axes[0], metrics):
         for j, method in enumerate(methods):
             values = [
-                np.mean([r[metric] for r in rows if r["setting"] == s and r["method"] == method and metric in r] or [np.nan])
+                np.mean([r[metric] for r in rows if r["setting"] == s and method_label(r) == method and metric in r] or [np.nan])
                 for s in settings
             ]
             ax.bar(np.arange(len(settings)) + j * width, values, width, label=method)
@@ -152,19 +157,25 @@ def plot_nfe(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = 
 
 
 def select_best(rows: Sequence[dict[str, Any]], metric: str = "psnr_3d") -> list[dict[str, Any]]:
-    """Mark in place, per volume, setting and method, the variant with the highest ``metric`` as ``selected``.
+    """Mark in place, per volume, setting, method and samples, the variant with the highest ``metric`` as ``selected``.
 
     Rows without the metric (skipped runs) are selected only when no variant has it.
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["volume"], row["setting"], row["method"]), []).append(row)
+        groups.setdefault((row["volume"], row["setting"], row["method"], row.get("samples", 1)), []).append(row)
     for group in groups.values():
         scored = [r for r in group if metric in r and np.isfinite(r[metric])]
         best = max(scored, key=lambda r: r[metric]) if scored else group[0]
         for row in group:
             row["selected"] = row is best
     return list(rows)
+
+
+def method_label(row: Mapping[str, Any]) -> str:
+    """A row's method as shown in figures: ``"dbpp"``, or ``"dbpp, mean of 4"`` for a posterior mean."""
+    samples = int(row.get("samples", 1) or 1)
+    return row["method"] if samples == 1 else f"{row['method']}, mean of {samples}"
 
 
 def profile_point(truth: np.ndarray, size: int = 5, body_hu: float = -500.0) -> tuple[int, int]:
@@ -406,10 +417,12 @@ class Evaluation:
                         logger.warning("%s | %s | %s: %s", input_name(volume), label, method, reason)
                         rows.append({**row, "note": reason})
                         continue
-                    folder = method + (f"_{variant}" if variant else "")
+                    folder = method + (f"_{variant}".replace(" ", "_") if variant else "")
                     out_dir = self.output_dir / input_name(volume) / label.replace(" ", "_").replace(",", "") / folder
                     logger.info("evaluating %s | %s | %s %s", input_name(volume), label, method, variant)
                     inferer_settings = {**self.inferer_settings, **spec["settings"], "seed": self.seed}
+                    samples = int(inferer_settings.pop("samples", 1))
+                    row["samples"] = samples
                     metrics = Reconstruction(
                         input_path=volume,
                         output_dir=out_dir,
@@ -420,6 +433,7 @@ class Evaluation:
                         network_2d=self.network_2d,
                         ckpt_path_2d=self.ckpt_path_2d,
                         seed=self.seed,
+                        samples=samples,
                         device=self.device,
                         hu_max=self.hu_max,
                         **acquisition,
@@ -438,7 +452,7 @@ class Evaluation:
         """The comparison figures of one volume and setting (the selected variant of each method that ran)."""
         name = input_name(volume)
         cell = select_best([dict(r) for r in rows if r["volume"] == name and r["setting"] == setting])
-        shown = [(r["method"], r["recon_path"]) for r in cell if r["selected"] and r.get("recon_path")]
+        shown = [(method_label(r), r["recon_path"]) for r in cell if r["selected"] and r.get("recon_path")]
         if not shown or not volume.is_file():
             return
         prefix = self.output_dir / "figures" / f"{name}_{setting.replace(' ', '_').replace(',', '')}"

@@ -15,6 +15,7 @@ It drives ``configs/evaluate.json`` (merged over ``configs/inference.json``) thr
   3D PSNR per volume and setting is ``selected``, every weight is in the table), ``dds2d``,
   ``mbir``, ``fixed``, ``db``, ``dbpp``; a method whose weights file is missing (e.g.
   ``models/model_2d.pt`` for ``dds2d`` / ``mbir``) is not run, and its row says so;
+- ``--samples N``: each diffusion method also as the mean of N samples (a row of its own);
 - settings: the product of the geometries (``--views`` over 180 degrees, ``--arcs`` at
   ``--step-degrees``) and the noise levels (``--photons``: ``none`` is noiseless).
 
@@ -70,6 +71,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arcs", type=float, nargs="*", default=[90.0], help="limited-angle arcs in degrees")
     parser.add_argument("--step-degrees", type=float, default=1.0, help="angular step of the limited-angle arcs")
     parser.add_argument("--photons", nargs="*", default=["none", "1e5"], help="noise levels: incident photons per ray, 'none' = noiseless")
+    parser.add_argument(
+        "--samples", type=int, nargs="*", default=[],
+        help="also run each diffusion method as the mean of N samples (seeds seed..seed+N-1), its posterior-mean estimate",
+    )
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (NFE) of the diffusion methods (default: the config's)")
     parser.add_argument("--max-slices", type=int, default=None, help="keep the central N slices of each volume (quick runs)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's: cuda when available)")
@@ -146,9 +151,19 @@ def make_settings(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def make_methods(args: argparse.Namespace) -> list[Any]:
-    """Method names in the order given, ``tv`` expanded into its weight sweep."""
+    """Method names in the order given, ``tv`` expanded into its weight sweep, diffusion methods by ``--samples``."""
+    from bundle.recon.inferers import method_slab_size
+
     methods: list[Any] = []
     for method in args.methods:
+        if method_slab_size(method) is not None:
+            methods.append(method)
+            for n in args.samples:
+                if n < 1:
+                    raise SystemExit(f"--samples must be >= 1, got {n}")
+                if n > 1:
+                    methods.append({"method": method, "variant": f"mean of {n}", "settings": {"samples": n}})
+            continue
         if method == "tv" and len(args.tv_weights) > 1:
             methods += [{"method": "tv", "variant": f"lam={w:g}", "settings": {"lam": w}} for w in args.tv_weights]
         elif method == "tv" and args.tv_weights:

@@ -51,7 +51,7 @@ def test_benchmark_table_figures_and_nfe_sweep(setup, tmp_path):
     result = script.main(
         _argv(
             setup, tmp_path,
-            "--methods", "fbp", "tv", "dbpp", "dds2d", "mbir", "--tv-weights", "1e-4", "2e-3",
+            "--methods", "fbp", "tv", "dbpp", "dds2d", "mbir", "--tv-weights", "1e-4", "2e-3", "--samples", "2",
             "--views", "6", "--arcs", "90", "--step-degrees", "15", "--photons", "none", "--nfe", "1", "2",
         )
     )  # fmt: skip
@@ -59,13 +59,21 @@ def test_benchmark_table_figures_and_nfe_sweep(setup, tmp_path):
     expected = [
         (setting, method, variant)
         for setting in ("6 views", "90 degrees")
-        for method, variant in (("fbp", ""), ("tv", "lam=0.0001"), ("tv", "lam=0.002"), ("dbpp", ""), ("dds2d", ""), ("mbir", ""))
-    ]
+        for method, variant in (
+            ("fbp", ""), ("tv", "lam=0.0001"), ("tv", "lam=0.002"), ("dbpp", ""), ("dbpp", "mean of 2"),
+            ("dds2d", ""), ("dds2d", "mean of 2"), ("mbir", ""), ("mbir", "mean of 2"),
+        )
+    ]  # fmt: skip
     assert [(r["setting"], r["method"], r["variant"]) for r in rows] == expected
     for r in rows:
         for key in ("psnr_3d", "ssim_3d", "psnr_axial", "psnr_coronal", "psnr_sagittal", "ssim_sagittal", "seconds", "peak_memory_mb"):
             assert np.isfinite(r[key]), (r["method"], key)
-        assert r["nfe"] == (2 if r["method"] in ("dbpp", "dds2d", "mbir") else 0)
+        assert r["samples"] == (2 if r["variant"] == "mean of 2" else 1)
+        assert r["nfe"] == (2 * r["samples"] if r["method"] in ("dbpp", "dds2d", "mbir") else 0)
+        # a posterior mean is its own row, selected apart from the single sample, with its spread written beside it
+        assert r["selected"] or r["method"] == "tv"
+        if r["samples"] == 2:
+            assert Path(r["recon_path"].replace("_recon.nii.gz", "_std.nii.gz")).is_file()
     for setting in ("6 views", "90 degrees"):
         tv = [r for r in rows if r["setting"] == setting and r["method"] == "tv"]
         assert sum(r["selected"] for r in tv) == 1
@@ -97,7 +105,7 @@ def test_missing_weights_are_skipped_with_a_note(setup, tmp_path):
 
 def test_settings_and_methods_from_options():
     script = _load_script()
-    args = script.parse_args(["--methods", "tv", "dbpp", "--tv-weights", "1e-4", "5e-4"])
+    args = script.parse_args(["--methods", "tv", "dbpp", "--tv-weights", "1e-4", "5e-4", "--samples", "1", "4"])
     assert [s["name"] for s in script.make_settings(args)] == [
         "8 views", "8 views, 1e5 photons", "6 views", "6 views, 1e5 photons",
         "4 views", "4 views, 1e5 photons", "90 degrees", "90 degrees, 1e5 photons",
@@ -106,6 +114,7 @@ def test_settings_and_methods_from_options():
         {"method": "tv", "variant": "lam=0.0001", "settings": {"lam": 1e-4}},
         {"method": "tv", "variant": "lam=0.0005", "settings": {"lam": 5e-4}},
         "dbpp",
+        {"method": "dbpp", "variant": "mean of 4", "settings": {"samples": 4}},
     ]
     if script.SHARED_DATA.is_dir():  # the held-out volume of configs/datalist_shared_ct.json
         assert [v.name for v in script.find_volumes(script.parse_args([]))] == ["ts_example_ct_abdomen_pelvis_3mm.nii.gz"]
