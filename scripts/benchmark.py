@@ -15,7 +15,7 @@ It drives ``configs/evaluate.json`` (merged over ``configs/inference.json``) thr
   3D PSNR per volume and setting is ``selected``, every weight is in the table), ``dds2d``,
   ``mbir``, ``fixed``, ``db``, ``dbpp``; a method whose weights file is missing (e.g.
   ``models/model_2d.pt`` for ``dds2d`` / ``mbir``) is not run, and its row says so;
-- ``--samples N``: each diffusion method also as the mean of N samples (a row of its own);
+- ``--samples 1 4``: each diffusion method as one sample and as the mean of 4 (rows of their own);
 - settings: the product of the geometries (``--views`` over 180 degrees, ``--arcs`` at
   ``--step-degrees``) and the noise levels (``--photons``: ``none`` is noiseless).
 
@@ -72,8 +72,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step-degrees", type=float, default=1.0, help="angular step of the limited-angle arcs")
     parser.add_argument("--photons", nargs="*", default=["none", "1e5"], help="noise levels: incident photons per ray, 'none' = noiseless")
     parser.add_argument(
-        "--samples", type=int, nargs="*", default=[],
-        help="also run each diffusion method as the mean of N samples (seeds seed..seed+N-1), its posterior-mean estimate",
+        "--samples", type=int, nargs="+", default=[1],
+        help="run each diffusion method as the mean of N samples (seeds seed..seed+N-1, the posterior-mean "
+        "estimate), once per N given; 1 is a single sample (default)",
     )
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (NFE) of the diffusion methods (default: the config's)")
     parser.add_argument("--max-slices", type=int, default=None, help="keep the central N slices of each volume (quick runs)")
@@ -157,12 +158,10 @@ def make_methods(args: argparse.Namespace) -> list[Any]:
     methods: list[Any] = []
     for method in args.methods:
         if method_slab_size(method) is not None:
-            methods.append(method)
-            for n in args.samples:
+            for n in dict.fromkeys(args.samples):
                 if n < 1:
                     raise SystemExit(f"--samples must be >= 1, got {n}")
-                if n > 1:
-                    methods.append({"method": method, "variant": f"mean of {n}", "settings": {"samples": n}})
+                methods.append(method if n == 1 else {"method": method, "variant": f"mean of {n}", "settings": {"samples": n}})
             continue
         if method == "tv" and len(args.tv_weights) > 1:
             methods += [{"method": "tv", "variant": f"lam={w:g}", "settings": {"lam": w}} for w in args.tv_weights]

@@ -51,7 +51,7 @@ def test_benchmark_table_figures_and_nfe_sweep(setup, tmp_path):
     result = script.main(
         _argv(
             setup, tmp_path,
-            "--methods", "fbp", "tv", "dbpp", "dds2d", "mbir", "--tv-weights", "1e-4", "2e-3", "--samples", "2",
+            "--methods", "fbp", "tv", "dbpp", "dds2d", "mbir", "--tv-weights", "1e-4", "2e-3", "--samples", "1", "2",
             "--views", "6", "--arcs", "90", "--step-degrees", "15", "--photons", "none", "--nfe", "1", "2",
         )
     )  # fmt: skip
@@ -116,6 +116,8 @@ def test_settings_and_methods_from_options():
         "dbpp",
         {"method": "dbpp", "variant": "mean of 4", "settings": {"samples": 4}},
     ]
+    only_mean = script.make_methods(script.parse_args(["--methods", "fbp", "dbpp", "--samples", "4"]))
+    assert only_mean == ["fbp", {"method": "dbpp", "variant": "mean of 4", "settings": {"samples": 4}}]
     if script.SHARED_DATA.is_dir():  # the held-out volume of configs/datalist_shared_ct.json
         assert [v.name for v in script.find_volumes(script.parse_args([]))] == ["ts_example_ct_abdomen_pelvis_3mm.nii.gz"]
 
