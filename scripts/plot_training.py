@@ -2,6 +2,7 @@
 
 Usage:
     python scripts/plot_training.py runs/train --out docs/figures/training_loss.png
+    python scripts/plot_training.py runs/train runs/train_ft     # a run continued with --init_from: legs end to end
 """
 
 from __future__ import annotations
@@ -32,18 +33,28 @@ def read_scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, nargs="+", help="run folders; each later one continues the one before (--init_from)")
     p.add_argument("--out", type=Path, default=Path("docs/figures/training_loss.png"))
     p.add_argument("--smooth", type=int, default=50, help="moving-average window (iterations)")
     args = p.parse_args()
-    steps, loss = read_scalars(args.run_dir, "train_loss")
-    if len(steps) == 0:
-        raise SystemExit(f"no 'train_loss' scalars in {args.run_dir}")
+    legs = []
+    offset = 0
+    for run_dir in args.run_dir:
+        steps, loss = read_scalars(run_dir, "train_loss")
+        if len(steps) == 0:
+            raise SystemExit(f"no 'train_loss' scalars in {run_dir}")
+        legs.append((run_dir, steps + offset, loss))
+        offset += int(steps.max())
+    steps = np.concatenate([leg[1] for leg in legs])
+    loss = np.concatenate([leg[2] for leg in legs])
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot(steps, loss, color="0.8", lw=0.5, label="per iteration")
     if len(loss) >= args.smooth:
         kernel = np.ones(args.smooth) / args.smooth
         ax.plot(steps[args.smooth - 1:], np.convolve(loss, kernel, mode="valid"), color="C0", label=f"mean of {args.smooth}")
+    for run_dir, leg_steps, _ in legs[1:]:
+        ax.axvline(leg_steps[0], color="C1", lw=0.8, ls="--")
+        ax.annotate(f" {run_dir.name}", (leg_steps[0], 1), xycoords=("data", "axes fraction"), va="top", fontsize=7, color="C1")
     ax.set(xlabel="iteration", ylabel="MSE (epsilon)", yscale="log", title="Slab prior training loss")
     ax.grid(alpha=0.3)
     ax.legend()
