@@ -108,7 +108,7 @@ def plot_table(rows: Sequence[Mapping[str, Any]], path: str | Path, metrics: Seq
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     methods = list(dict.fromkeys(method_label(r) for r in rows))
     metrics = [m for m in metrics if any(m in r for r in rows)]
-    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4 * max(len(metrics), 1), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4 * max(len(metrics), 1), 3.8), squeeze=False)
     width = 0.8 / max(len(methods), 1)
     for ax, metric in zip(axes[0], metrics):
         for j, method in enumerate(methods):
@@ -117,7 +117,7 @@ def plot_table(rows: Sequence[Mapping[str, Any]], path: str | Path, metrics: Seq
                 for s in settings
             ]
             ax.bar(np.arange(len(settings)) + j * width, values, width, label=method)
-        ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, settings, fontsize=8)
+        ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, settings, fontsize=8, rotation=30, ha="right")
         ax.set_title(metric, fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
