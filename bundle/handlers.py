@@ -74,7 +74,9 @@ class SparseViewValidation:
         self.best = float("-inf")
 
     def attach(self, engine: Engine) -> None:
-        if self.interval > 0:
+        if self.interval > 0 and len(self.volumes) == 0:
+            logger.warning("sparse-view validation is off: the datalist has no validation volumes")
+        elif self.interval > 0:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     def _geometry(self, shape: Sequence[int]):
@@ -85,7 +87,6 @@ class SparseViewValidation:
     @torch.no_grad()
     def __call__(self, engine: Engine) -> None:
         if len(self.volumes) == 0:
-            logger.warning("sparse-view validation skipped: no validation volumes")
             return
         device = next(self.network.parameters()).device
         scores = []
