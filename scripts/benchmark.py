@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from bundle.evaluation import NFE_COLUMNS, crop_slices, plot_nfe, write_table  # noqa: E402
 from bundle.io import save_json  # noqa: E402
+from bundle.recon.inferers import method_slab_size  # noqa: E402
 from bundle.reconstruction import input_name  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -153,8 +154,6 @@ def make_settings(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def make_methods(args: argparse.Namespace) -> list[Any]:
     """Method names in the order given, ``tv`` expanded into its weight sweep, diffusion methods by ``--samples``."""
-    from bundle.recon.inferers import method_slab_size
-
     methods: list[Any] = []
     for method in args.methods:
         if method_slab_size(method) is not None:
