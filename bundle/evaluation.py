@@ -14,6 +14,12 @@ method and number of samples, the best by PSNR per volume and setting is marked 
 the figures show the selected ones. A method whose prior's weights file is
 missing is not run: its row says so in ``note``.
 
+With ``resume=True`` a cell whose outputs are already in its folder is read back instead of
+run again, if its ``cell.json`` matches the cell exactly: method, settings, samples,
+acquisition, seed, a digest of the preprocessed ground truth (so a change of grid, spacing or
+intensity mapping counts) and a digest of the prior's weights file. A long CPU benchmark can
+so be stopped and continued, or extended by a method, without recomputing what it has.
+
 Figures per volume and setting (``figures=True``), from the written reconstructions and the
 ground truth, all in HU on one window: orthogonal views side by side, difference maps, and a
 z-profile through a high-contrast point of the ground truth (a fixed (y, x) line along z).
@@ -22,7 +28,9 @@ z-profile through a high-contrast point of the ground truth (a fixed (y, x) line
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +41,7 @@ import torch
 
 from bundle.io import atomic_path, orthogonal_cuts, save_figure, save_json
 from bundle.reconstruction import Reconstruction, input_name
-from bundle.recon.inferers import make_inferer, method_slab_size
+from bundle.recon.inferers import METHODS, make_inferer, method_settings, method_slab_size
 
 __all__ = [
     "Evaluation",
@@ -336,6 +344,8 @@ class Evaluation:
         figures: write the comparison figures per volume and setting (:func:`comparison_figures`)
             into ``output_dir/figures``.
         window: HU window of the figures.
+        resume: reuse the outputs of cells that already ran with exactly this cell's
+            specification (``cell.json`` beside their ``metrics.json``) instead of running them again.
     """
 
     def __init__(
@@ -356,6 +366,7 @@ class Evaluation:
         make_inferer_fn: Callable[..., Any] = make_inferer,
         figures: bool = True,
         window: Sequence[float] = (-1000.0, 1000.0),
+        resume: bool = False,
     ) -> None:
         if not volumes or not methods or not settings:
             raise ValueError("evaluation needs at least one volume, one method and one setting")
@@ -382,6 +393,8 @@ class Evaluation:
         self.make_inferer_fn = make_inferer_fn
         self.figures = bool(figures)
         self.window = (float(window[0]), float(window[1]))
+        self.resume = bool(resume)
+        self._digests: dict[tuple[str, str], str] = {}
 
     @staticmethod
     def setting_name(setting: Mapping[str, Any]) -> str:
@@ -399,6 +412,58 @@ class Evaluation:
         if ckpt and not Path(ckpt).is_file():
             return f"skipped: no weights for its slab_size={k} prior ({ckpt} not found)"
         return None
+
+    def _digest(self, kind: str, path: Path) -> str:
+        """SHA-256 of a weights file (``kind="weights"``) or of a volume after preprocessing (``"volume"``), cached."""
+        key = (kind, str(path))
+        if key not in self._digests:
+            sha = hashlib.sha256()
+            if kind == "volume":
+                image = np.ascontiguousarray(np.asarray(self.preprocessing({"image": str(path)})["image"], dtype=np.float32))
+                sha.update(repr(image.shape).encode())
+                sha.update(image.tobytes())
+            else:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        sha.update(block)
+            self._digests[key] = sha.hexdigest()
+        return self._digests[key]
+
+    def cell_spec(
+        self, volume: Path, method: str, inferer_settings: Mapping[str, Any], samples: int, acquisition: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """What determines a cell's result: written as ``cell.json``, compared on ``resume``."""
+        k = method_slab_size(method, int(self.inferer_settings.get("slab_size", 3)))
+        ckpt = None if k is None else (self.ckpt_path_2d if k == 1 else self.ckpt_path)
+        taken = method_settings(method, dict(inferer_settings)) if method in METHODS else dict(inferer_settings)
+        settings = {key: value for key, value in taken.items() if key != "progress"}  # what changes the result
+        spec = {
+            "volume": str(volume),
+            "volume_sha256": self._digest("volume", volume),
+            "method": method,
+            "inferer_settings": settings,
+            "samples": samples,
+            "acquisition": dict(acquisition),
+            "seed": self.seed,
+            "hu_max": self.hu_max,
+            "weights_sha256": self._digest("weights", Path(ckpt)) if ckpt else None,
+            # a prior without a weights file (an in-memory network) cannot be identified: never reused
+            "reusable": k is None or bool(ckpt),
+        }
+        return json.loads(json.dumps(spec, default=str))  # as it reads back from cell.json
+
+    @staticmethod
+    def _finished(out_dir: Path, recon_path: Path, spec: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The metrics of a cell that already ran with ``spec`` in ``out_dir`` and left ``recon_path``, or None."""
+        if not spec["reusable"]:
+            return None
+        try:
+            if json.loads((out_dir / "cell.json").read_text()) != spec:
+                return None
+            metrics = json.loads((out_dir / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return metrics if recon_path.is_file() else None
 
     def run(self) -> list[dict[str, Any]]:
         """Run every cell; write ``results.csv``, ``results.json``, ``results.png`` and the figures; return the rows."""
@@ -419,27 +484,21 @@ class Evaluation:
                         continue
                     folder = method + (f"_{variant}".replace(" ", "_") if variant else "")
                     out_dir = self.output_dir / input_name(volume) / label.replace(" ", "_").replace(",", "") / folder
-                    logger.info("evaluating %s | %s | %s %s", input_name(volume), label, method, variant)
                     inferer_settings = {**self.inferer_settings, **spec["settings"], "seed": self.seed}
                     samples = int(inferer_settings.pop("samples", 1))
                     row["samples"] = samples
-                    metrics = Reconstruction(
-                        input_path=volume,
-                        output_dir=out_dir,
-                        preprocessing=self.preprocessing,
-                        inferer=self.make_inferer_fn(method, **inferer_settings),
-                        network=self.network,
-                        ckpt_path=self.ckpt_path,
-                        network_2d=self.network_2d,
-                        ckpt_path_2d=self.ckpt_path_2d,
-                        seed=self.seed,
-                        samples=samples,
-                        device=self.device,
-                        hu_max=self.hu_max,
-                        **acquisition,
-                    ).run()
+                    recon_path = out_dir / f"{input_name(volume)}_recon.nii.gz"
+                    cell = self.cell_spec(volume, method, inferer_settings, samples, acquisition)
+                    metrics = self._finished(out_dir, recon_path, cell) if self.resume else None
+                    if metrics is not None:
+                        logger.info("reusing %s | %s | %s %s from %s", input_name(volume), label, method, variant, out_dir)
+                    else:
+                        logger.info("evaluating %s | %s | %s %s", input_name(volume), label, method, variant)
+                        (out_dir / "cell.json").unlink(missing_ok=True)  # the outputs below are about to change
+                        metrics = self._run_cell(volume, out_dir, method, inferer_settings, samples, acquisition)
+                        save_json(cell, out_dir / "cell.json")
                     row.update({k: v for k, v in metrics.items() if k not in ("geometry", "inferer", "input")})
-                    row.update(method=method, note="", recon_path=str(out_dir / f"{input_name(volume)}_recon.nii.gz"))
+                    row.update(method=method, note="", recon_path=str(recon_path))
                     rows.append(row)
                     write_table(select_best(rows), self.output_dir)  # keep a partial table if a later cell fails
                 if self.figures:
@@ -447,6 +506,32 @@ class Evaluation:
         write_table(select_best(rows), self.output_dir)
         plot_table([r for r in rows if r["selected"]], self.output_dir / "results.png")
         return rows
+
+    def _run_cell(
+        self,
+        volume: Path,
+        out_dir: Path,
+        method: str,
+        inferer_settings: Mapping[str, Any],
+        samples: int,
+        acquisition: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Reconstruct one cell into ``out_dir``; its metrics."""
+        return Reconstruction(
+            input_path=volume,
+            output_dir=out_dir,
+            preprocessing=self.preprocessing,
+            inferer=self.make_inferer_fn(method, **inferer_settings),
+            network=self.network,
+            ckpt_path=self.ckpt_path,
+            network_2d=self.network_2d,
+            ckpt_path_2d=self.ckpt_path_2d,
+            seed=self.seed,
+            samples=samples,
+            device=self.device,
+            hu_max=self.hu_max,
+            **acquisition,
+        ).run()
 
     def _figures(self, volume: Path, setting: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """The comparison figures of one volume and setting (the selected variant of each method that ran)."""

@@ -17,7 +17,10 @@ It drives ``configs/evaluate.json`` (merged over ``configs/inference.json``) thr
   ``models/model_2d.pt`` for ``dds2d`` / ``mbir``) is not run, and its row says so;
 - ``--samples 1 4``: each diffusion method as one sample and as the mean of 4 (rows of their own);
 - settings: the product of the geometries (``--views`` over 180 degrees, ``--arcs`` at
-  ``--step-degrees``) and the noise levels (``--photons``: ``none`` is noiseless).
+  ``--step-degrees``) and the noise levels (``--photons``: ``none`` is noiseless);
+- ``--resume``: runs already in ``--out`` with exactly the same specification (method,
+  settings, seed, preprocessed volume, weights; each run's ``cell.json``) are read back, not
+  run again: a stopped benchmark continues, and a method can be added to a finished one.
 
 Outputs in ``--out``: ``results.csv`` / ``results.json`` (PSNR and SSIM in 3D and per
 orientation, seconds, NFE, peak memory per run), ``results.png`` (bar charts),
@@ -87,6 +90,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nfe-setting", default=None, help="setting of the NFE sweep (default: '8 views' if run, else the first)")
     parser.add_argument("--window", type=float, nargs=2, default=[-1000.0, 1000.0], help="HU window of the figures")
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="reuse the runs already in --out that match exactly (cell.json: settings, data and weights digests)",
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
         help="any bundle config override, e.g. --set batch_size=32 --set 'network_def#channels=[8,16]'",
@@ -187,6 +194,7 @@ def run_evaluation(
         "progress": False,
         "evaluation#figures": not args.no_figures,
         "evaluation#window": list(args.window),
+        "eval_resume": bool(args.resume),
     }
     if args.steps is not None:
         overrides["steps"] = args.steps

@@ -130,3 +130,37 @@ def test_profile_point_finds_the_bright_structure_inside_the_body():
     truth[:, 9, 7] = 2000.0  # bright, but its neighbourhood leaves the body
     assert profile_point(truth) == (15, 22)
     assert profile_point(np.full((3, 8, 8), -1000.0)) == (0, 0)  # no body: falls back to every point
+
+
+def test_resume_reuses_exactly_matching_runs_only(setup, tmp_path):
+    """--resume reads back runs whose cell.json matches; a changed setting or weights file runs again."""
+    script = _load_script()
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(setup["ckpt"].read_bytes())
+    argv = _argv(setup, tmp_path / "out", "--methods", "fbp", "dbpp", "--views", "4", "--arcs", "--photons", "none", "--no-figures")
+    argv[argv.index("--ckpt") + 1] = str(weights)
+
+    def run(*more: str, steps: str = "2") -> dict[str, tuple[int, dict]]:
+        args = list(argv) + list(more)
+        args[args.index("--steps") + 1] = steps
+        rows = script.main(args)["rows"]
+        return {r["method"]: (Path(r["recon_path"]).stat().st_mtime_ns, r) for r in rows}
+
+    first = run()
+    again = run("--resume")
+    for method in ("fbp", "dbpp"):
+        assert again[method][0] == first[method][0], f"{method} ran again"
+        assert again[method][1]["psnr_3d"] == first[method][1]["psnr_3d"]
+        assert again[method][1]["seconds"] == first[method][1]["seconds"]  # the time of the run that made it
+
+    more_steps = run("--resume", steps="3")
+    assert more_steps["fbp"][0] == first["fbp"][0] and more_steps["dbpp"][0] != first["dbpp"][0]
+    assert more_steps["dbpp"][1]["nfe"] == 3
+
+    torch.manual_seed(1)
+    torch.save(SlabDenoiser(slab_size=3, **TINY).state_dict(), weights)  # retrained weights, same file name
+    retrained = run("--resume", steps="3")
+    assert retrained["fbp"][0] == first["fbp"][0] and retrained["dbpp"][0] != more_steps["dbpp"][0]
+
+    no_resume = run(steps="3")
+    assert no_resume["fbp"][0] != first["fbp"][0]

@@ -106,6 +106,11 @@ def test_samples_write_mean_and_std(data, tmp_path):
     assert len(metrics["geometry"]["angles"]) == 9
 
 
+def test_warm_start_from_the_command_line(data, tmp_path):
+    metrics = _run(data, tmp_path, steps=4, warm_start=0.5, warm_start_method="fbp")
+    assert metrics["nfe"] == 2 and (tmp_path / "crop_recon.nii.gz").is_file()
+
+
 def test_sinogram_input(data, tmp_path):
     from bundle.geometry import sparse_view
     from bundle.operators import make_operator

@@ -77,3 +77,32 @@ def test_peak_memory_sees_an_allocation():
         time.sleep(0.05)
     del block
     assert memory.increase_bytes > 32 * 2**20
+
+
+def test_warm_start_starts_from_the_classical_reconstruction(problem):
+    """warm_start skips that share of the steps; the start is the SIRT image diffused to the first step's noise level."""
+    operator, y = problem
+    torch.manual_seed(0)
+    network = SlabDenoiser(slab_size=3, **TINY)
+    cold = make_inferer("dbpp", steps=10, batch_size=8, seed=1)
+    cold(y, network, operator)
+    warm = make_inferer("dbpp", steps=10, batch_size=8, seed=1, warm_start=0.7, warm_start_method="sirt")
+    out = warm(y, network, operator)
+    assert warm.start_step == 7 and warm.stats["nfe"] == 3 and cold.stats["nfe"] == 10
+    assert warm.stats["slab_evaluations"] == cold.stats["slab_evaluations"] * 3 // 10
+    assert out.shape == (5, 16, 16) and 0 <= float(out.min()) and float(out.max()) <= 1
+
+    # the start volume: sqrt(a_t) (2 sirt - 1) + sqrt(1 - a_t) z on the (here unpadded) working volume
+    sirt = make_inferer("sirt")(y, None, operator).clamp(0, 1)
+    generator = torch.Generator().manual_seed(1)
+    crop = (slice(None),) * 3
+    start = warm.start_volume((5, 16, 16), crop, operator, y, generator)
+    z = torch.randn((5, 16, 16), generator=torch.Generator().manual_seed(1))
+    a = float(warm.alphas_cumprod[int(torch.linspace(999, 0, 10).round()[7])])
+    torch.testing.assert_close(start, a**0.5 * (2 * sirt - 1) + (1 - a) ** 0.5 * z, atol=1e-5, rtol=0)
+
+    assert make_inferer("dbpp", steps=4, warm_start=0.99).start_step == 3  # always at least one step
+    with pytest.raises(ValueError, match="warm_start must be in"):
+        make_inferer("dbpp", warm_start=1.0)
+    with pytest.raises(ValueError, match="warm_start_method"):
+        make_inferer("dbpp", warm_start=0.5, warm_start_method="magic")

@@ -147,3 +147,21 @@ def test_data_consistency_makes_the_volume_fit_the_measurements():
                     generator=torch.Generator().manual_seed(1))
     assert residual(fitted) < 0.2 and residual(fitted) < 0.25 * residual(prior_only)
     assert float((fitted - truth).abs().mean()) < float((prior_only - truth).abs().mean())
+
+
+def test_warm_start_runs_the_remaining_steps_and_still_recovers_the_oracle():
+    """Starting at step 3 of 5 from the clean volume diffused to that step's noise level: 2 steps, exact recovery."""
+    depth = 7
+    image = torch.rand(depth, 8, 8, generator=torch.Generator().manual_seed(0))
+    recording = RecordingSchedule(DiffusionBlendPPSchedule(3, 3))
+    oracle = Oracle(2 * image - 1, recording, batch_size=8)
+    steps_seen = []
+    t = int(ddim_timesteps(5, 1000)[3])
+    a = float(ALPHAS[t])
+    x_t = a**0.5 * (2 * image - 1) + (1 - a) ** 0.5 * torch.randn(depth, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = sample(oracle, x_t, recording, None, ALPHAS, num_steps=5, eta=0.85, batch_size=8, start_step=3,
+                 generator=torch.Generator().manual_seed(2), on_step=lambda step, x0: steps_seen.append(step))
+    assert steps_seen == [3, 4]
+    torch.testing.assert_close(out, image, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="start_step must be in \\[0, 4\\]"):
+        sample(oracle, x_t, recording, None, ALPHAS, num_steps=5, start_step=5)

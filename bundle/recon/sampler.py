@@ -48,6 +48,7 @@ def sample(
     mixed_precision: bool = True,
     progress: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """Reconstruct a volume with DiffusionBlend(++) (Song et al., NeurIPS 2024, Algorithm 1, DDS-style).
 
@@ -73,6 +74,8 @@ def sample(
         mixed_precision: run the denoiser under autocast on CUDA (never on CPU).
         progress: show a tqdm progress bar.
         on_step: optional observer ``on_step(step, x0)`` (e.g. for figures); it cannot change the result.
+        start_step: index of the first DDIM step; ``x_T`` is then the volume at that step's
+            noise level (a warm start, see ``DiffusionBlendInferer.start_volume``); 0 starts from pure noise.
 
     Returns:
         The final estimate x0 after data consistency as the image ``(Z, H, W)``, clipped to the
@@ -82,8 +85,10 @@ def sample(
         raise ValueError(f"expected a start volume (Z, H, W), got shape {tuple(x_T.shape)}")
     alphas_cumprod = alphas_cumprod.to(device=x_T.device, dtype=torch.float64)
     timesteps = ddim_timesteps(num_steps, len(alphas_cumprod)).tolist()
+    if not 0 <= start_step < len(timesteps):
+        raise ValueError(f"start_step must be in [0, {len(timesteps) - 1}], got {start_step}")
     autocast = torch.autocast(device_type=x_T.device.type, enabled=mixed_precision and x_T.device.type == "cuda")
-    steps = range(len(timesteps))
+    steps = range(start_step, len(timesteps))
     if progress:
         from tqdm import tqdm
 
