@@ -97,18 +97,27 @@ class RandomStates:
     uninterrupted one.
 
     Args:
-        transforms: transforms whose ``Randomizable`` members (searched recursively through
-            ``Compose``) are tracked.
+        transforms: transforms whose ``Randomizable`` members are tracked, searched recursively
+            through ``Compose`` and through the attributes of each randomizable transform (a
+            dictionary transform such as ``RandAffined`` draws its parameters with the
+            generator of the array transform it holds).
     """
 
     def __init__(self, transforms: Sequence[Any] = ()) -> None:
         self._randomizables: list[Randomizable] = []
+        self._seen: set[int] = set()
         for t in transforms:
             self._collect(t)
 
     def _collect(self, t: Any) -> None:
+        if id(t) in self._seen:
+            return
+        self._seen.add(id(t))
         if isinstance(t, Randomizable):
             self._randomizables.append(t)
+            for value in vars(t).values():
+                if isinstance(value, Randomizable):
+                    self._collect(value)
         for child in getattr(t, "transforms", ()) or ():
             self._collect(child)
 

@@ -90,3 +90,31 @@ def test_unreadable_volume_names_the_file(tmp_path) -> None:
     bad.write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(Exception, match="broken.nii.gz"):
         LoadImaged("image", ensure_channel_first=True)({"image": str(bad)})
+
+
+def test_augmentation_overlay_moves_whole_slabs_and_keeps_air_outside() -> None:
+    """configs/train_augment.json: one random in-plane affine per slab (all k slices alike), air (-1) where it pads."""
+    from monai.bundle import ConfigParser
+
+    from tests.conftest import ROOT
+
+    def slab_transforms(*overlays: str):
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "configs" / "train.json"), *(str(ROOT / "configs" / o) for o in overlays)])
+        parser.update({"bundle_root": str(ROOT), "augment_prob": 1.0})
+        return parser.get_parsed_content("slab_transforms")
+
+    vol = torch.zeros(1, 48, 48, 9)
+    vol[:, 8:40, 12:36] = 0.5  # a box, the same on every slice
+    plain = slab_transforms().set_random_state(3)({"image": vol})[0]["image"]
+    augmented_chain = slab_transforms("train_augment.json").set_random_state(3)
+    items = [augmented_chain({"image": vol})[0] for _ in range(4)]
+    tracked = {type(r).__name__ for r in RandomStates([augmented_chain])._randomizables}
+    assert {"RandSlabd", "RandAffined", "RandAffine", "RandFlipd"} <= tracked  # every generator is checkpointed
+    for item in items:
+        slab = torch.as_tensor(item["image"])
+        assert slab.shape == plain.shape == (3, 48, 48)
+        assert float(slab.min()) >= -1 and float(slab.max()) <= 1
+        assert torch.equal(slab[0], slab[1]) and torch.equal(slab[0], slab[2])  # one transform for the slab
+        assert float(slab[:, 0, 0].max()) == -1.0  # corners stay air
+        assert not torch.equal(slab, torch.as_tensor(plain))

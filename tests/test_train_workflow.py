@@ -77,14 +77,17 @@ def test_2d_prior_trains_and_validates_with_the_same_config(root: Path, python: 
     assert state["unet.conv_in.conv.weight"].shape[1] == 1  # the saved prior takes one slice in
 
 
-def test_resume_matches_uninterrupted_run(root: Path, python: str, work: Path) -> None:
+@pytest.mark.parametrize("configs", ["configs/train.json", "['configs/train.json', 'configs/train_augment.json']"])
+def test_resume_matches_uninterrupted_run(root: Path, python: str, work: Path, configs: str) -> None:
+    """Also with the augmentation overlay, whose affine draws must be checkpointed as well."""
     straight, split = work / "straight", work / "split"
-    train(root, python, work, max_epochs=3, output_dir=str(straight), model_path=str(straight / "model.pt"))
+    train(root, python, work, configs=configs, max_epochs=3, output_dir=str(straight), model_path=str(straight / "model.pt"))
     # interrupted after 2 of 6 iterations, then resumed from the checkpoint it left
-    train(root, python, work, max_epochs=3, stop_after_iterations=2, output_dir=str(split), model_path=str(split / "model.pt"))
+    train(root, python, work, configs=configs, max_epochs=3, stop_after_iterations=2, output_dir=str(split),
+          model_path=str(split / "model.pt"))
     stopped = torch.load(split / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
     assert stopped["trainer"]["iteration"] == 2
-    resumed = train(root, python, work, max_epochs=3, output_dir=str(split), model_path=str(split / "model.pt"))
+    resumed = train(root, python, work, configs=configs, max_epochs=3, output_dir=str(split), model_path=str(split / "model.pt"))
     assert "Epoch: 1/3" not in resumed.stdout + resumed.stderr  # it went on from epoch 2
 
     a = torch.load(straight / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
