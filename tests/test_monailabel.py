@@ -274,6 +274,7 @@ def test_sinogram_ct(server: Server, studies: Path, tmp_path: Path) -> None:
         ("sparse_view_ct", "ct", {"views": "eight"}, 400, "views must be an integer"),
         ("sparse_view_ct", "ct", {"arc_degrees": 400}, 400, "arc_degrees must be a number in (0, 360]"),
         ("sparse_view_ct", "ct", {"steps": 0}, 400, "steps must be >= 1"),
+        ("sparse_view_ct", "ct", {"warm_start": 1.0}, 400, "warm_start must be a number in [0, 1)"),
         ("sparse_view_ct", "ct", {"device": "tpu"}, 400, "device"),
         ("sparse_view_ct", "flat", {"method": "fbp"}, 422, "expected a 3D volume"),
         ("sparse_view_ct", "missing", {}, 404, "not found"),

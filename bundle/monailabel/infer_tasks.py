@@ -99,6 +99,17 @@ def _photons(name: str, value: Any) -> float | None:
     return _float(name, value)
 
 
+def _fraction(name: str, value: Any) -> float:
+    value = _first(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _bad(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not 0.0 <= number < 1.0:
+        raise _bad(f"{name} must be a number in [0, 1), got {value!r}")
+    return number
+
+
 def _method(name: str, value: Any) -> str:
     value = str(_first(value)).strip()
     if value not in METHODS:
@@ -121,6 +132,7 @@ SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "photons": _photons,
     "method": _method,
     "steps": lambda n, v: _int(n, v, minimum=1),
+    "warm_start": _fraction,
     "seed": lambda n, v: _int(n, v, minimum=0),
     "device": _device,
 }
