@@ -9,7 +9,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-__all__ = ["SlabDenoiser", "load_weights"]
+__all__ = ["SlabDenoiser", "adapt_slab_state_dict", "load_weights"]
 
 
 class SlabDenoiser(nn.Module):
@@ -118,3 +118,55 @@ def load_weights(network: nn.Module, path: str | Path, strict: bool = True) -> n
         raise ValueError(f"checkpoint {path} was saved for another network: {'; '.join(details)}{hint}")
     network.load_state_dict(state, strict=strict)
     return network
+
+
+# the tensors of SlabDenoiser whose shapes depend on the slab size and the separation set
+_IN_CONV = "unet.conv_in.conv.weight"
+_OUT_CONV = ("unet.out.2.conv.weight", "unet.out.2.conv.bias")
+_CLASS_EMBEDDING = "unet.class_embedding.weight"
+
+
+def adapt_slab_state_dict(state: dict[str, torch.Tensor], network: SlabDenoiser) -> dict[str, torch.Tensor]:
+    """Map the weights of a prior for slabs of k slices onto ``network``, a prior for fewer slices.
+
+    Used to start the 2D prior (k=1) from a trained slab prior (k=3) instead of from random
+    weights. Every tensor but three is copied: each source slice channel is assigned to the
+    target channel nearest to it in relative position (centre to centre), the input
+    convolution of a target channel is the sum of the kernels of the source channels
+    assigned to it, so a slab that does not vary along z gives the first layer the same
+    response as before; the output convolution of a target channel is that of its nearest
+    source channel; the class embedding keeps its first rows (label = separation).
+
+    Raises:
+        ValueError: the state is not a SlabDenoiser's, the target has more slices or more
+            separation labels than the source, or another tensor differs in shape.
+    """
+    own = network.state_dict()
+    if _IN_CONV not in state or _CLASS_EMBEDDING not in state:
+        raise ValueError(f"not the state dict of a SlabDenoiser (no {_IN_CONV} / {_CLASS_EMBEDDING})")
+    k_src, k_dst = state[_IN_CONV].shape[1], network.slab_size
+    n_src, n_dst = state[_CLASS_EMBEDDING].shape[0], own[_CLASS_EMBEDDING].shape[0]
+    if k_dst > k_src or n_dst > n_src:
+        raise ValueError(
+            f"can only adapt to fewer slices and separations: source has slab_size={k_src} and {n_src} labels, "
+            f"target slab_size={k_dst} and {n_dst} labels"
+        )
+    # nearest target channel of every source channel, by position relative to the slab centre
+    centre_src, centre_dst = (k_src - 1) / 2, (k_dst - 1) / 2
+    nearest = [min(range(k_dst), key=lambda j, i=i: abs((j - centre_dst) - (i - centre_src))) for i in range(k_src)]
+    source_of = [min(range(k_src), key=lambda i, j=j: abs((i - centre_src) - (j - centre_dst))) for j in range(k_dst)]
+    adapted = {}
+    for key, target in own.items():
+        if key not in state:
+            raise ValueError(f"the source state has no tensor {key}")
+        value = state[key]
+        if key == _IN_CONV:
+            value = torch.stack([value[:, [i for i in range(k_src) if nearest[i] == j]].sum(1) for j in range(k_dst)], 1)
+        elif key in _OUT_CONV:
+            value = value[source_of]
+        elif key == _CLASS_EMBEDDING:
+            value = value[:n_dst]
+        if value.shape != target.shape:
+            raise ValueError(f"{key}: source {tuple(value.shape)} does not map onto target {tuple(target.shape)}")
+        adapted[key] = value.clone()
+    return adapted

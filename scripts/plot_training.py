@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("run_dir", type=Path, nargs="+", help="run folders; each later one continues the one before (--init_from)")
     p.add_argument("--out", type=Path, default=Path("docs/figures/training_loss.png"))
     p.add_argument("--smooth", type=int, default=50, help="moving-average window (iterations)")
+    p.add_argument("--title", default="Slab prior training loss")
     args = p.parse_args()
     legs = []
     offset = 0
@@ -55,7 +56,7 @@ def main() -> None:
     for run_dir, leg_steps, _ in legs[1:]:
         ax.axvline(leg_steps[0], color="C1", lw=0.8, ls="--")
         ax.annotate(f" {run_dir.name}", (leg_steps[0], 1), xycoords=("data", "axes fraction"), va="top", fontsize=7, color="C1")
-    ax.set(xlabel="iteration", ylabel="MSE (epsilon)", yscale="log", title="Slab prior training loss")
+    ax.set(xlabel="iteration", ylabel="MSE (epsilon)", yscale="log", title=args.title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundle.networks import SlabDenoiser, load_weights
+from bundle.networks import SlabDenoiser, adapt_slab_state_dict, load_weights
 
 TINY = dict(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
 
@@ -57,3 +57,47 @@ def test_unreadable_checkpoint_names_file(tmp_path, content: bytes) -> None:
 def test_missing_checkpoint(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_weights(SlabDenoiser(**TINY), tmp_path / "nope.pt")
+
+
+def _trained_like(slab_size: int, separations=(1, 2, 3)) -> SlabDenoiser:
+    torch.manual_seed(slab_size)
+    net = SlabDenoiser(slab_size=slab_size, separations=separations, **TINY)
+    for p in net.parameters():  # MONAI zero-initialises the output convolution
+        torch.nn.init.normal_(p, std=0.2)
+    return net.eval()
+
+
+def test_adapting_a_slab_prior_to_2d_keeps_its_response_to_z_constant_slabs() -> None:
+    source = _trained_like(3)
+    target = SlabDenoiser(slab_size=1, separations=(1,), **TINY)
+    target.load_state_dict(adapt_slab_state_dict(source.state_dict(), target))
+    target.eval()
+
+    image = torch.randn(2, 1, 16, 16)
+    t, sep = torch.tensor([5, 700]), torch.tensor([1, 1])
+    # the first layer sees one slice as the source saw three equal ones
+    torch.testing.assert_close(target.unet.conv_in(image), source.unet.conv_in(image.repeat(1, 3, 1, 1)))
+    # the body and the separation-1 embedding are the source's; the output is its centre channel
+    with torch.no_grad():
+        torch.testing.assert_close(target(image, t, sep), source(image.repeat(1, 3, 1, 1), t, sep)[:, 1:2])
+    torch.testing.assert_close(target.unet.class_embedding.weight, source.unet.class_embedding.weight[:2])
+
+
+def test_adapting_five_slices_to_three_assigns_channels_by_position() -> None:
+    source, target = _trained_like(5), SlabDenoiser(slab_size=3, **TINY)
+    state = adapt_slab_state_dict(source.state_dict(), target)
+    w = source.state_dict()["unet.conv_in.conv.weight"]
+    # source offsets -2..2 go to target offsets -1, -1 (tie: nearest first), 0, 1, 1
+    torch.testing.assert_close(state["unet.conv_in.conv.weight"][:, 1], w[:, 2])
+    torch.testing.assert_close(state["unet.conv_in.conv.weight"].sum(1), w.sum(1))
+    torch.testing.assert_close(state["unet.out.2.conv.bias"], source.state_dict()["unet.out.2.conv.bias"][[1, 2, 3]])
+
+
+def test_adapting_to_more_slices_or_another_network_is_refused() -> None:
+    with pytest.raises(ValueError, match="fewer slices"):
+        adapt_slab_state_dict(_trained_like(1, (1,)).state_dict(), SlabDenoiser(slab_size=3, **TINY))
+    with pytest.raises(ValueError, match="not the state dict of a SlabDenoiser"):
+        adapt_slab_state_dict({"weight": torch.zeros(1)}, SlabDenoiser(slab_size=1, **TINY))
+    wider = SlabDenoiser(slab_size=3, channels=(16, 16), attention_levels=(False, True), num_head_channels=8)
+    with pytest.raises(ValueError, match="does not map onto"):
+        adapt_slab_state_dict(wider.state_dict(), SlabDenoiser(slab_size=1, **TINY))
