@@ -261,7 +261,7 @@ def comparison_figures(
     for kind, columns in (("views", [("ground truth", truth), *recons]), ("diff", [(lab, v - truth) for lab, v in recons])):
         if not columns:
             continue
-        fig, axes = plt.subplots(3, len(columns), figsize=(2.4 * len(columns), 7.2), squeeze=False)
+        fig, axes = plt.subplots(3, len(columns), figsize=(1.6 * len(columns) + 1.2, 6.0), squeeze=False, layout="constrained")
         for col, (label, volume) in enumerate(columns):
             for row, (name, cut) in enumerate(cuts.items()):
                 ax = axes[row, col]
