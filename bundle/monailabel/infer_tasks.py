@@ -81,12 +81,18 @@ def _int(name: str, value: Any, minimum: int | None = None) -> int:
     return int(number)
 
 
-def _float(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
+def _number(name: str, value: Any) -> tuple[Any, float]:
+    """``value`` (its first item if a list) and its float; a non-number is a bad request."""
     value = _first(value)
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise _bad(f"{name} must be a number, got {value!r}") from None
+    return value, number
+
+
+def _float(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
+    value, number = _number(name, value)
     if isinstance(value, bool) or not (low < number <= high):
         raise _bad(f"{name} must be a number in ({low:g}, {high:g}], got {value!r}")
     return number
@@ -100,11 +106,7 @@ def _photons(name: str, value: Any) -> float | None:
 
 
 def _fraction(name: str, value: Any) -> float:
-    value = _first(value)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _bad(f"{name} must be a number, got {value!r}") from None
+    value, number = _number(name, value)
     if isinstance(value, bool) or not 0.0 <= number < 1.0:
         raise _bad(f"{name} must be a number in [0, 1), got {value!r}")
     return number

@@ -390,19 +390,24 @@ def method_slab_size(method: str, slab_size: int = 3) -> int | None:
     return int(DIFFUSION_METHODS[method].get("slab_size", slab_size))
 
 
+def _method_class(method: str) -> Callable[..., Any]:
+    """The class that reconstructs with ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown reconstruction method {method!r}; choose one of {list(METHODS)}")
+    if method in DIFFUSION_METHODS:
+        return DiffusionBlendInferer
+    from bundle.recon import classical
+
+    return getattr(classical, CLASSICAL_METHODS[method])
+
+
 def method_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The part of ``settings`` that ``method`` takes (with the method's own fixed settings for diffusion methods).
 
     Raises:
         ValueError: an unknown method.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown reconstruction method {method!r}; choose one of {list(METHODS)}")
-    if method in DIFFUSION_METHODS:
-        return _accepted(DiffusionBlendInferer, {**settings, **DIFFUSION_METHODS[method]})
-    from bundle.recon import classical
-
-    return _accepted(getattr(classical, CLASSICAL_METHODS[method]), settings)
+    return _accepted(_method_class(method), {**settings, **DIFFUSION_METHODS.get(method, {})})
 
 
 def make_inferer(method: str = "dbpp", **settings: Any) -> Inferer:
@@ -415,12 +420,8 @@ def make_inferer(method: str = "dbpp", **settings: Any) -> Inferer:
     Raises:
         ValueError: an unknown method.
     """
-    taken = method_settings(method, settings)
-    if method in DIFFUSION_METHODS:
-        inferer: Inferer = DiffusionBlendInferer(**taken)
-    else:
-        from bundle.recon import classical
-
-        inferer = _TimedClassical(getattr(classical, CLASSICAL_METHODS[method])(**taken))
+    inferer: Inferer = _method_class(method)(**method_settings(method, settings))
+    if method in CLASSICAL_METHODS:
+        inferer = _TimedClassical(inferer)
     inferer.method = method  # type: ignore[attr-defined]
     return inferer
