@@ -3,6 +3,7 @@
 Usage:
     python scripts/plot_training.py runs/train --out docs/figures/training_loss.png
     python scripts/plot_training.py runs/train runs/train_ft     # a run continued with --init_from: legs end to end
+    python scripts/plot_training.py runs/aug_2d --until 1200     # a run stopped after the checkpoint it ships
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs/figures/training_loss.png"))
     p.add_argument("--smooth", type=int, default=50, help="moving-average window (iterations)")
     p.add_argument("--title", default="Slab prior training loss")
+    p.add_argument("--until", type=int, default=None, help="last iteration shown (counted over all legs), e.g. the checkpoint shipped")
+    p.add_argument("--window", type=int, default=200, help="iterations averaged for the first / last loss printed")
     args = p.parse_args()
     legs = []
     offset = 0
@@ -48,6 +51,12 @@ def main() -> None:
         offset += int(steps.max())
     steps = np.concatenate([leg[1] for leg in legs])
     loss = np.concatenate([leg[2] for leg in legs])
+    if args.until is not None:
+        keep = steps <= args.until
+        if not keep.any():
+            raise SystemExit(f"no iteration at or before --until {args.until}")
+        steps, loss = steps[keep], loss[keep]
+        legs = [leg for leg in legs if leg[1][0] <= args.until]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot(steps, loss, color="0.8", lw=0.5, label="per iteration")
     if len(loss) >= args.smooth:
@@ -62,7 +71,9 @@ def main() -> None:
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)
-    print(f"{args.out}: {len(steps)} iterations, last mean loss {loss[-min(len(loss), args.smooth):].mean():.4f}")
+    n = min(len(loss), args.window)
+    print(f"{args.out}: {len(steps)} iterations (to {int(steps.max())}); mean loss {loss[:n].mean():.4f} over the first {n}, "
+          f"{loss[-n:].mean():.4f} over the last {n}")
 
 
 if __name__ == "__main__":
