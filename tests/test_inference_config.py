@@ -61,7 +61,7 @@ class raises:
         return True
 
 
-def _run(data: dict[str, Path], out: Path, **overrides) -> dict:
+def _run(data: dict[str, Path], out: Path, config_file=CONFIG, **overrides) -> dict:
     settings = {
         "input_path": str(data["crop"]),
         "output_dir": str(out),
@@ -74,7 +74,7 @@ def _run(data: dict[str, Path], out: Path, **overrides) -> dict:
         **TINY_OVERRIDES,
         **overrides,
     }
-    run(config_file=CONFIG, **settings)
+    run(config_file=config_file, **settings)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -104,6 +104,16 @@ def test_samples_write_mean_and_std(data, tmp_path):
     assert std.shape == nib.load(str(data["crop"])).shape and float(std.get_fdata().max()) > 0
     assert metrics["samples"] == 2 and metrics["nfe"] == 4
     assert len(metrics["geometry"]["angles"]) == 9
+
+
+def test_quality_overlay(data, tmp_path):
+    """configs/inference_quality.json over inference.json: the posterior mean of 4 samples at 100 steps."""
+    overlay = str(ROOT / "configs" / "inference_quality.json")
+    settings = json.loads(Path(overlay).read_text())
+    assert settings == {"steps": 100, "samples": 4}
+    metrics = _run(data, tmp_path, config_file=[CONFIG, overlay], steps=2)  # steps cut for CI; samples from the overlay
+    assert metrics["samples"] == 4 and metrics["nfe"] == 8
+    assert (tmp_path / "crop_std.nii.gz").is_file()
 
 
 def test_warm_start_from_the_command_line(data, tmp_path):
