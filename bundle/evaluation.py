@@ -42,6 +42,7 @@ import torch
 from bundle.io import atomic_path, orthogonal_cuts, save_figure, save_json
 from bundle.reconstruction import Reconstruction, input_name
 from bundle.recon.inferers import METHODS, make_inferer, method_settings, method_slab_size
+from bundle.settings import as_bool
 
 __all__ = [
     "Evaluation",
@@ -391,9 +392,9 @@ class Evaluation:
         self.device = device
         self.hu_max = float(hu_max)
         self.make_inferer_fn = make_inferer_fn
-        self.figures = bool(figures)
+        self.figures = as_bool(figures, "figures")
         self.window = (float(window[0]), float(window[1]))
-        self.resume = bool(resume)
+        self.resume = as_bool(resume, "resume")
         self._digests: dict[tuple[str, str], str] = {}
 
     @staticmethod

@@ -29,6 +29,7 @@ from bundle.io import save_json, save_nifti, save_orthogonal_views
 from bundle.metrics import reconstruction_metrics
 from bundle.networks import load_weights
 from bundle.physics import MU_WATER, hu_to_normalized, normalized_to_hu, simulate_sinogram
+from bundle.settings import as_bool
 from bundle.transforms.layout import from_zhw, to_zhw, voxel_size_zhw
 from bundle.transforms.sinogram import load_sinogram
 
@@ -145,7 +146,7 @@ class Reconstruction:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.mu_max = MU_WATER * (1.0 + float(hu_max) / 1000.0)
         self.backend = backend
-        self.save_png = bool(save_png)
+        self.save_png = as_bool(save_png, "save_png")
         self.display_hu_max = float(display_hu_max)
 
     # -- pieces -------------------------------------------------------------------------------

@@ -116,6 +116,12 @@ def test_quality_overlay(data, tmp_path):
     assert (tmp_path / "crop_std.nii.gz").is_file()
 
 
+def test_progress_false_as_the_command_line_gives_it(data, tmp_path, capfd):
+    """``--progress false`` arrives as the string "false" and must turn the bar off."""
+    _run(data, tmp_path, steps=2, progress="false")
+    assert "DiffusionBlend:" not in capfd.readouterr().err
+
+
 def test_warm_start_from_the_command_line(data, tmp_path):
     metrics = _run(data, tmp_path, steps=4, warm_start=0.5, warm_start_method="fbp")
     assert metrics["nfe"] == 2 and (tmp_path / "crop_recon.nii.gz").is_file()

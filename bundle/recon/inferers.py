@@ -31,6 +31,7 @@ from bundle.recon.data_consistency import ConjugateGradientDC, ZTVDataConsistenc
 from bundle.recon.padding import CroppedDataConsistency, centre_crop, working_shape
 from bundle.recon.partitions import make_schedule
 from bundle.recon.sampler import ddim_timesteps, linear_alphas_cumprod, sample
+from bundle.settings import as_bool
 
 __all__ = [
     "METHODS",
@@ -212,8 +213,8 @@ class DiffusionBlendInferer(Inferer):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.alphas_cumprod = linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
-        self.mixed_precision = bool(mixed_precision)
-        self.progress = bool(progress)
+        self.mixed_precision = as_bool(mixed_precision, "mixed_precision")
+        self.progress = as_bool(progress, "progress")
         self.image_size = int(image_size) if image_size else None
         self.warm_start = float(warm_start)
         self.warm_start_method = warm_start_method
