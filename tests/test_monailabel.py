@@ -136,9 +136,9 @@ class Server:
         self.url = url
         self.log = log
 
-    def infer(self, task: str, image: str, **params: object) -> tuple[int, bytes, float]:
-        """``POST /infer/<task>?image=<image>&output=image`` with ``params``: status, body, seconds."""
-        query = urllib.parse.urlencode({"image": image, "output": "image"})
+    def infer(self, task: str, image: str, output: str = "image", **params: object) -> tuple[int, bytes, float]:
+        """``POST /infer/<task>?image=<image>&output=<output>`` with ``params``: status, body, seconds."""
+        query = urllib.parse.urlencode({"image": image, "output": output})
         body = urllib.parse.urlencode({"params": json.dumps(params)}).encode()
         request = urllib.request.Request(f"{self.url}/infer/{task}?{query}", data=body, method="POST")
         start = time.perf_counter()
@@ -265,6 +265,16 @@ def test_sinogram_ct(server: Server, studies: Path, tmp_path: Path) -> None:
     assert psnr_dbpp > psnr_fbp
 
 
+def test_samples_give_the_posterior_mean(server: Server) -> None:
+    """``samples`` N: N reconstructions with seeds seed..seed+N-1, their mean returned (issue 3, item 6)."""
+    _need_model()
+    status, content, _ = server.infer("sparse_view_ct", "ct", output="json", method="dbpp", views=VIEWS, steps=2, samples=2)
+    assert status == 200, f"HTTP {status}: {content[:500]!r}\n{server.tail()}"
+    answer = json.loads(content)
+    assert answer["settings"]["samples"] == 2
+    assert answer["metrics"]["samples"] == 2 and answer["metrics"]["nfe"] == 4
+
+
 @pytest.mark.parametrize(
     ("task", "image", "params", "status", "words"),
     [
@@ -274,6 +284,8 @@ def test_sinogram_ct(server: Server, studies: Path, tmp_path: Path) -> None:
         ("sparse_view_ct", "ct", {"views": "eight"}, 400, "views must be an integer"),
         ("sparse_view_ct", "ct", {"arc_degrees": 400}, 400, "arc_degrees must be a number in (0, 360]"),
         ("sparse_view_ct", "ct", {"steps": 0}, 400, "steps must be >= 1"),
+        ("sparse_view_ct", "ct", {"samples": 0}, 400, "samples must be >= 1"),
+        ("sparse_view_ct", "ct", {"samples": 17}, 400, "samples must be <= 16"),
         ("sparse_view_ct", "ct", {"warm_start": 1.0}, 400, "warm_start must be a number in [0, 1)"),
         ("sparse_view_ct", "ct", {"device": "tpu"}, 400, "device"),
         ("sparse_view_ct", "flat", {"method": "fbp"}, 422, "expected a 3D volume"),

@@ -68,7 +68,7 @@ def _first(value: Any) -> Any:
     return value[0] if isinstance(value, (list, tuple)) and value else value
 
 
-def _int(name: str, value: Any, minimum: int | None = None) -> int:
+def _int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     value = _first(value)
     try:
         number = float(value)
@@ -78,6 +78,8 @@ def _int(name: str, value: Any, minimum: int | None = None) -> int:
         raise _bad(f"{name} must be an integer, got {value!r}")
     if minimum is not None and number < minimum:
         raise _bad(f"{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and number > maximum:
+        raise _bad(f"{name} must be <= {maximum}, got {value!r}")
     return int(number)
 
 
@@ -126,6 +128,9 @@ def _device(name: str, value: Any) -> str:
     return text
 
 
+#: The most samples one request may ask for: a request holds the server's event loop.
+MAX_SAMPLES = 16
+
 #: Request settings: name -> parser (raises HTTP 400 with a message on a bad value).
 SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "views": lambda n, v: _int(n, v, minimum=1),
@@ -134,6 +139,7 @@ SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "photons": _photons,
     "method": _method,
     "steps": lambda n, v: _int(n, v, minimum=1),
+    "samples": lambda n, v: _int(n, v, minimum=1, maximum=MAX_SAMPLES),
     "warm_start": _fraction,
     "seed": lambda n, v: _int(n, v, minimum=0),
     "device": _device,
@@ -252,7 +258,6 @@ class ReconstructionTask(InferTask):
         parser["input_path"] = str(image)
         parser["output_dir"] = str(output_dir)
         parser["progress"] = False
-        parser["samples"] = 1
         if self.kind == "sinogram":
             geometry = geometry_path_for(image)
             if not geometry.is_file():
