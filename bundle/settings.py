@@ -29,6 +29,7 @@ def as_bool(value: Any, name: str) -> bool:
         return False
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
     raise ValueError(f"{name} must be true or false, got {value!r}")

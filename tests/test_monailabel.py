@@ -307,6 +307,19 @@ def test_bad_requests_get_http_errors(
     assert recon.ndim == 3
 
 
+def test_read_only_typo_stops_the_app(label_env: Path, studies: Path, tmp_path: Path) -> None:
+    """``--conf read_only ture`` must not fall back to allowing uploads: the app refuses to start."""
+    code = (
+        "import sys; from bundle.monailabel.main import DiffusionBlendCTApp; "
+        "DiffusionBlendCTApp(sys.argv[1], sys.argv[2], {'read_only': 'ture'})"
+    )
+    done = subprocess.run(
+        [str(label_env), "-c", code, str(tmp_path), str(studies)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    assert "read_only must be true or false, got 'ture'" in done.stderr
+
+
 def test_studies_folder_is_read_only(server: Server, studies: Path) -> None:
     """Uploads (where MONAI Label 0.8.5 builds paths from client input) are refused by default."""
     boundary = "----dbct"

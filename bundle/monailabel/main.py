@@ -14,7 +14,8 @@ App settings (``--conf key value``):
 - ``config_file``: the inference config (default ``<bundle_root>/configs/inference.json``);
 - ``read_only``: ``true`` (default) refuses every upload, edit and delete of the studies
   folder through the REST API (a reconstruction server needs none of them; see the Safety
-  section of docs/monailabel.md); ``false`` allows them, as MONAI Label does;
+  section of docs/monailabel.md); ``false`` allows them, as MONAI Label does; any other
+  value stops the app with an error (a typo must not open the studies folder);
 - any other key must be an id of the inference config (``steps``, ``views``, ``method``,
   ``ckpt_path``, ``image_size``, ...): its value (read as JSON when it parses, else as a
   string) replaces the config's for every request; request parameters override it again.
@@ -38,11 +39,11 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 import bundle
 from bundle.monailabel.infer_tasks import SINOGRAM_CT, SPARSE_VIEW_CT, ReconstructionTask
+from bundle.settings import as_bool
 
 logger = logging.getLogger(__name__)
 
 APP_KEYS = ("bundle_root", "config_file", "read_only")
-_TRUE = ("1", "true", "yes", "on")
 
 
 def _json_or_str(value: Any) -> Any:
@@ -108,7 +109,7 @@ class DiffusionBlendCTApp(MONAILabelApp):
         self.config_file = Path(conf.get("config_file") or self.bundle_root / "configs" / "inference.json").resolve()
         if not self.config_file.is_file():
             raise FileNotFoundError(f"inference config {self.config_file} not found (set --conf config_file)")
-        self.read_only = str(conf.get("read_only", "true")).strip().lower() in _TRUE
+        self.read_only = as_bool(conf.get("read_only", "true"), "read_only")
         self.overrides = config_overrides(conf, self.config_file)
         super().__init__(
             app_dir=app_dir,
