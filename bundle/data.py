@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,34 +60,54 @@ def load_datalist(
 
 
 class SlabDataset(Dataset):
-    """``samples_per_volume`` random slabs of every (cached) volume per epoch, as a map-style dataset.
+    """Random slabs of every (cached) volume per epoch, as a map-style dataset, with per-volume weights.
 
     Map-style so that ``DistributedSampler`` shards it; the volumes are typically a MONAI
     ``CacheDataset`` holding them already resampled, so an epoch only cuts slabs.
+
+    A volume contributes ``round(samples_per_volume * weight)`` items (at least one), where
+    ``weight`` is the item's ``weight_key`` entry (1 when absent; the datalist sets it). Many
+    small scans (e.g. 51 limb crops) can so add variety without swamping a few large volumes.
 
     Args:
         volumes: a sequence of preprocessed items (dicts).
         transform: the random slab transform (e.g. ``RandSlabd`` followed by augmentation);
             it may return one dict or a list with one dict.
-        samples_per_volume: items drawn from each volume per epoch.
+        samples_per_volume: items drawn per epoch from a volume of weight 1.
+        weight_key: the item entry holding the volume's sampling weight.
     """
 
-    def __init__(self, volumes: Sequence[dict], transform: Callable, samples_per_volume: int = 1) -> None:
+    def __init__(
+        self, volumes: Sequence[dict], transform: Callable, samples_per_volume: int = 1, weight_key: str = "weight"
+    ) -> None:
         if samples_per_volume < 1:
             raise ValueError(f"samples_per_volume must be >= 1, got {samples_per_volume}")
         self.volumes = volumes
         self.transform = transform
         self.samples_per_volume = int(samples_per_volume)
+        self.weight_key = weight_key
+        counts = []
+        for n in range(len(volumes)):
+            weight = float(volumes[n].get(weight_key, 1.0)) if isinstance(volumes[n], dict) else 1.0
+            if not weight > 0:
+                raise ValueError(f"volume {n} has {weight_key}={weight}; sampling weights must be positive")
+            counts.append(max(1, round(self.samples_per_volume * weight)))
+        self.counts = counts
+        self._ends = list(itertools.accumulate(counts))
 
     def __len__(self) -> int:
-        return len(self.volumes) * self.samples_per_volume
+        return self._ends[-1] if self._ends else 0
 
     def __getitem__(self, index: int) -> dict:
-        out = apply_transform(self.transform, self.volumes[index // self.samples_per_volume])
+        if not 0 <= index < len(self):
+            raise IndexError(f"slab index {index} out of range for {len(self)} items")
+        out = apply_transform(self.transform, self.volumes[bisect.bisect_right(self._ends, index)])
         if isinstance(out, list):
             if len(out) != 1:
                 raise ValueError(f"the slab transform returned {len(out)} items; use num_samples=1 with SlabDataset")
             out = out[0]
+        if isinstance(out, dict) and self.weight_key in out:  # a volume's weight is not part of its slabs
+            out = {k: v for k, v in out.items() if k != self.weight_key}
         return out
 
 

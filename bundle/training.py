@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from monai.inferers import DiffusionInferer
 from torch import nn
+
+from bundle.precision import autocast, resolve_mixed_precision
 
 __all__ = [
     "SaveWeights",
@@ -56,7 +59,18 @@ class SlabDiffusionInferer(DiffusionInferer):
     ``DiffusionPrepareBatch(condition_name="separation")`` hands the label over as
     ``condition``; MONAI's inferer would pass it as cross-attention context, ours passes it to
     the denoiser contract ``denoiser(x_t, t, separation)``.
+
+    Args:
+        scheduler: the noise schedule of the forward process.
+        mixed_precision: bf16 autocast of the network's forward pass (``"auto"``, true or false,
+            ``bundle.precision``); the prediction is returned in fp32, so the loss and the
+            gradients' accumulation stay fp32 (bf16 needs no gradient scaler).
     """
+
+    def __init__(self, scheduler: Any, mixed_precision: bool | str = "auto") -> None:
+        super().__init__(scheduler)
+        self.mixed_precision = mixed_precision
+        resolve_mixed_precision(mixed_precision, "cpu")  # an invalid value fails at start-up
 
     def __call__(  # type: ignore[override]
         self,
@@ -67,7 +81,9 @@ class SlabDiffusionInferer(DiffusionInferer):
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
-        return diffusion_model(noisy, timesteps, condition)
+        with autocast(inputs.device, resolve_mixed_precision(self.mixed_precision, inputs.device)):
+            prediction = diffusion_model(noisy, timesteps, condition)
+        return prediction.float()
 
 
 class StopAfterIterations:

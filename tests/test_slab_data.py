@@ -118,3 +118,15 @@ def test_augmentation_overlay_moves_whole_slabs_and_keeps_air_outside() -> None:
         assert torch.equal(slab[0], slab[1]) and torch.equal(slab[0], slab[2])  # one transform for the slab
         assert float(slab[:, 0, 0].max()) == -1.0  # corners stay air
         assert not torch.equal(slab, torch.as_tensor(plain))
+
+
+def test_slab_dataset_weights_volumes_and_drops_the_weight_from_slabs() -> None:
+    small = [dict(volume(6), weight=0.25) for _ in range(3)]
+    ds = SlabDataset([volume(9), *small], RandSlabd("image", slab_size=3), samples_per_volume=8)
+    assert ds.counts == [8, 2, 2, 2] and len(ds) == 14
+    assert ds[7]["image"].shape == (3, 5, 4) and "weight" not in ds[8]
+    assert "weight" not in ds[13]
+    with pytest.raises(IndexError):
+        ds[14]
+    with pytest.raises(ValueError, match="volume 0 has weight=0.0"):
+        SlabDataset([dict(volume(6), weight=0)], RandSlabd("image", slab_size=3))

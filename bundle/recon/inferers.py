@@ -30,6 +30,7 @@ from monai.inferers import Inferer
 from bundle.recon.data_consistency import ConjugateGradientDC, ZTVDataConsistency
 from bundle.recon.padding import CroppedDataConsistency, centre_crop, working_shape
 from bundle.recon.partitions import make_schedule
+from bundle.precision import resolve_mixed_precision
 from bundle.recon.sampler import ddim_timesteps, linear_alphas_cumprod, sample
 from bundle.settings import as_bool
 
@@ -155,7 +156,8 @@ class DiffusionBlendInferer(Inferer):
         num_train_timesteps: T of the training schedule.
         beta_start: first beta of the linear training schedule.
         beta_end: last beta of the linear training schedule.
-        mixed_precision: autocast the network on CUDA.
+        mixed_precision: bf16 autocast of the network: ``"auto"`` (where the device computes
+            bf16 natively, ``bundle.precision``), true or false.
         progress: show a progress bar.
         image_size: smallest in-plane size of the working volume (the prior's training size);
             ``None``: only the network's divisor applies. A smaller or non-divisible operator
@@ -187,7 +189,7 @@ class DiffusionBlendInferer(Inferer):
         num_train_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
-        mixed_precision: bool = True,
+        mixed_precision: bool | str = "auto",
         progress: bool = False,
         image_size: int | None = None,
         warm_start: float = 0.0,
@@ -213,7 +215,8 @@ class DiffusionBlendInferer(Inferer):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.alphas_cumprod = linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
-        self.mixed_precision = as_bool(mixed_precision, "mixed_precision")
+        self.mixed_precision = mixed_precision
+        resolve_mixed_precision(mixed_precision, "cpu")  # an invalid value fails here, not mid-run
         self.progress = as_bool(progress, "progress")
         self.image_size = int(image_size) if image_size else None
         self.warm_start = float(warm_start)
@@ -295,6 +298,7 @@ class DiffusionBlendInferer(Inferer):
         padded = working_shape(domain, int(getattr(network, "size_divisor", 1)), self.image_size)
         data_consistency: Callable[[torch.Tensor], torch.Tensor] = self.make_data_consistency(operator, inputs.float())
         crop = centre_crop(domain, padded)
+        bf16 = resolve_mixed_precision(self.mixed_precision, device)
         if padded != domain:
             data_consistency = CroppedDataConsistency(data_consistency, crop)
         start = time.perf_counter()
@@ -311,7 +315,7 @@ class DiffusionBlendInferer(Inferer):
                     eta=self.eta,
                     batch_size=self.batch_size,
                     generator=generator,
-                    mixed_precision=self.mixed_precision,
+                    mixed_precision=bf16,
                     progress=self.progress,
                     start_step=self.start_step,
                 )
@@ -332,6 +336,7 @@ class DiffusionBlendInferer(Inferer):
             "peak_memory_increase_mb": memory.increase_bytes / 2**20,
             "memory_kind": memory.kind,
             "working_shape": padded,
+            "precision": "bf16" if bf16 else "fp32",
         }
         return recon
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from bundle.precision import autocast as bf16_autocast
 from bundle.recon.partitions import Denoiser, PartitionSchedule, blend
 
 __all__ = ["ddim_timesteps", "linear_alphas_cumprod", "sample"]
@@ -45,7 +46,7 @@ def sample(
     eta: float = 0.85,
     batch_size: int = 8,
     generator: torch.Generator | None = None,
-    mixed_precision: bool = True,
+    mixed_precision: bool = False,
     progress: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     start_step: int = 0,
@@ -71,7 +72,8 @@ def sample(
         eta: stochasticity of the re-noising (0 = deterministic DDIM).
         batch_size: slabs per denoiser call.
         generator: source of the noise and of the random partition offsets.
-        mixed_precision: run the denoiser under autocast on CUDA (never on CPU).
+        mixed_precision: run the denoiser under bf16 autocast (``bundle.precision``); everything
+            else, including the returned eps, stays fp32.
         progress: show a tqdm progress bar.
         on_step: optional observer ``on_step(step, x0)`` (e.g. for figures); it cannot change the result.
         start_step: index of the first DDIM step; ``x_T`` is then the volume at that step's
@@ -87,7 +89,6 @@ def sample(
     timesteps = ddim_timesteps(num_steps, len(alphas_cumprod)).tolist()
     if not 0 <= start_step < len(timesteps):
         raise ValueError(f"start_step must be in [0, {len(timesteps) - 1}], got {start_step}")
-    autocast = torch.autocast(device_type=x_T.device.type, enabled=mixed_precision and x_T.device.type == "cuda")
     steps = range(start_step, len(timesteps))
     if progress:
         from tqdm import tqdm
@@ -103,7 +104,7 @@ def sample(
 
         # 1. blended eps: the denoiser on every slab of this step's partition, averaged where slabs overlap
         partition = schedule(step, x_t.shape[0], generator)
-        with autocast:
+        with bf16_autocast(x_T.device, mixed_precision):
             eps = blend(denoiser, x_t, t, partition, batch_size).float()
 
         # 2. Tweedie estimate of the clean volume, clipped to the model's range [-1, 1]
