@@ -2,6 +2,11 @@
 
     python scripts/benchmark_sampler.py                  # Z=48 and 192 slices of 128 x 128, 3 steps
     python scripts/benchmark_sampler.py --depth 40 --steps 10 --device cuda
+    python scripts/benchmark_sampler.py --precision      # one JSON line: fp32 against bf16 on the sample
+
+With ``--precision`` it runs the precision comparison of ``scripts/benchmark_precision.py``
+instead (the same seeded reconstruction of the sample in fp32 and under bf16 autocast; JSON
+with ``fp32_seconds``, ``bf16_seconds``, ``speedup``, ``psnr_fp32``, ``psnr_bf16``).
 
 The network is the shipped architecture (``configs/inference.json::network_def``), with the
 weights of ``models/model.pt`` when present (timing does not depend on them). The operator is
@@ -81,8 +86,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="slabs per network call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ckpt", type=Path, default=ROOT / "models" / "model.pt")
+    parser.add_argument("--precision", action="store_true", help="compare fp32 and bf16 (JSON line); --depth default 6, --steps 4")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.precision:
+        from benchmark_precision import machine, sampler_part, shipped_network  # scripts/ is on sys.path when run as a script
+
+        depth = args.depth if args.depth != parser.get_default("depth") else 6
+        steps = args.steps if args.steps != parser.get_default("steps") else 4
+        result = sampler_part(shipped_network(device, args.ckpt), device, depth, steps, args.batch_size)
+        print(json.dumps({**machine(device), **result}))
+        return
     network = _network(device, args.ckpt)
 
     measure(3, args.size, 1, args.batch_size, device, network)  # warm-up: kernels, allocator, thread pools
