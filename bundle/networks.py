@@ -68,13 +68,26 @@ class SlabDenoiser(nn.Module):
             num_class_embeds=max(separations) + 1,
         )
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, separation: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict the noise in ``x`` (B, k, H, W) at integer ``timesteps`` (B,) for slabs of ``separation`` (B,)."""
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor | int, separation: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """Predict the noise in ``x`` (B, k, H, W) at integer ``timesteps`` (B,) for slabs of ``separation`` (B,).
+
+        A plain integer (or a one-element tensor) for ``timesteps`` or ``separation`` applies to
+        every slab, so that ``python -m monai.bundle verify_net_in_out`` can pass them as
+        ``--extra_forward_args "{'timesteps': 500, 'separation': 1}"``.
+        """
         if x.ndim != 4 or x.shape[1] != self.slab_size:
             raise ValueError(f"expected slabs of shape (B, {self.slab_size}, H, W), got {tuple(x.shape)}")
         if separation is None:
-            separation = torch.full((x.shape[0],), self.separations[0], dtype=torch.long, device=x.device)
-        return self.unet(x, timesteps=timesteps, class_labels=separation.long())
+            separation = self.separations[0]
+        return self.unet(x, timesteps=_per_slab(timesteps, x), class_labels=_per_slab(separation, x).long())
+
+
+def _per_slab(value: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
+    """``value`` as a (B,) tensor on ``x``'s device: a scalar or one-element value is repeated for every slab."""
+    value = torch.as_tensor(value, device=x.device)
+    return value.reshape(1).expand(x.shape[0]) if value.numel() == 1 else value
 
 
 def load_weights(network: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
