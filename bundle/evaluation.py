@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from bundle.io import atomic_path, orthogonal_cuts, save_figure, save_json
-from bundle.reconstruction import Reconstruction, input_name
+from bundle.limits import check_memory, estimate_memory_bytes, memory_limit_bytes
+from bundle.reconstruction import Reconstruction, input_name, make_geometry, planned_views
 from bundle.recon.inferers import METHODS, make_inferer, method_settings, method_slab_size
 from bundle.settings import as_bool
 
@@ -347,6 +348,9 @@ class Evaluation:
         window: HU window of the figures.
         resume: reuse the outputs of cells that already ran with exactly this cell's
             specification (``cell.json`` beside their ``metrics.json``) instead of running them again.
+        allow_implausible: passed to each :class:`Reconstruction`.
+        memory_limit_gb: the memory limit of every cell (``bundle.limits``); every cell's estimate
+            is checked against it before the first one runs.
     """
 
     def __init__(
@@ -368,6 +372,8 @@ class Evaluation:
         figures: bool = True,
         window: Sequence[float] = (-1000.0, 1000.0),
         resume: bool = False,
+        allow_implausible: bool | str = False,
+        memory_limit_gb: float | str | None = None,
     ) -> None:
         if not volumes or not methods or not settings:
             raise ValueError("evaluation needs at least one volume, one method and one setting")
@@ -395,6 +401,10 @@ class Evaluation:
         self.figures = as_bool(figures, "figures")
         self.window = (float(window[0]), float(window[1]))
         self.resume = as_bool(resume, "resume")
+        self.allow_implausible = as_bool(allow_implausible, "allow_implausible")
+        self.memory_limit_gb = memory_limit_gb
+        self.memory_limit = memory_limit_bytes(memory_limit_gb)
+        self._grids: dict[str, tuple[tuple[int, int, int], tuple[float, float, float]]] = {}
         self._digests: dict[tuple[str, str], str] = {}
 
     @staticmethod
@@ -410,9 +420,48 @@ class Evaluation:
         if k is None:
             return None
         ckpt = self.ckpt_path_2d if k == 1 else self.ckpt_path
-        if ckpt and not Path(ckpt).is_file():
+        if not ckpt:
+            return f"skipped: no weights for its slab_size={k} prior ({'ckpt_path_2d' if k == 1 else 'ckpt_path'} is empty)"
+        if not Path(ckpt).is_file():
             return f"skipped: no weights for its slab_size={k} prior ({ckpt} not found)"
         return None
+
+    def model_grid(self, volume: Path) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+        """The preprocessed volume's ``(Z, H, W)`` shape and voxel size (cached)."""
+        from bundle.transforms.layout import to_zhw, voxel_size_zhw
+
+        key = str(volume)
+        if key not in self._grids:
+            image = self.preprocessing({"image": key})["image"]
+            self._grids[key] = (tuple(int(n) for n in to_zhw(image).shape), voxel_size_zhw(image))  # type: ignore[assignment]
+        return self._grids[key]
+
+    def check_sizes(self) -> None:
+        """Refuse the evaluation before any cell runs when one of its cells exceeds the memory limit (``bundle.limits``)."""
+        for volume in self.volumes:
+            shape, voxel_size = self.model_grid(volume)
+            for setting in self.settings:
+                views = planned_views(
+                    int(setting.get("views", 8)), float(setting.get("arc_degrees", 180.0)), float(setting.get("step_degrees", 1.0))
+                )
+                beam = str(setting.get("beam", "parallel"))
+                n_det = make_geometry(shape, voxel_size, 1, 180.0, 1.0, beam).sino_shape[2]
+                for spec in self.methods:
+                    if self.missing_weights(spec["method"]) is not None:
+                        continue
+                    settings = {**self.inferer_settings, **spec["settings"]}
+                    estimate = estimate_memory_bytes(
+                        shape,
+                        views,
+                        n_det,
+                        spec["method"],
+                        batch_size=int(settings.get("batch_size", 8)),
+                        slab_size=int(settings.get("slab_size", 3)),
+                        samples=int(settings.get("samples", 1)),
+                        projector_matrix=beam != "cone",
+                    )
+                    what = f"evaluation cell {input_name(volume)} | {self.setting_name(setting)} | {spec['method']} ({shape[0]} x {shape[1]} x {shape[2]} grid, {views} views)"
+                    check_memory(estimate, what, self.memory_limit)
 
     def _digest(self, kind: str, path: Path) -> str:
         """SHA-256 of a weights file (``kind="weights"``) or of a volume after preprocessing (``"volume"``), cached."""
@@ -468,6 +517,7 @@ class Evaluation:
 
     def run(self) -> list[dict[str, Any]]:
         """Run every cell; write ``results.csv``, ``results.json``, ``results.png`` and the figures; return the rows."""
+        self.check_sizes()
         rows: list[dict[str, Any]] = []
         for volume in self.volumes:
             for setting in self.settings:
@@ -531,6 +581,8 @@ class Evaluation:
             samples=samples,
             device=self.device,
             hu_max=self.hu_max,
+            allow_implausible=self.allow_implausible,
+            memory_limit_gb=self.memory_limit_gb,
             **acquisition,
         ).run()
 

@@ -34,6 +34,7 @@ __all__ = [
     "limited_angle",
     "load_json",
     "from_dict",
+    "check_angles",
 ]
 
 #: Relative tolerance of geometry equality (float fields); absolute floor ``RTOL * 1e-3``.
@@ -280,16 +281,60 @@ def from_dict(d: dict[str, Any]) -> Geometry:
     return cls(**d)
 
 
-def load_json(path: Union[str, Path]) -> Geometry:
-    """Read a geometry written by ``to_json``."""
+def load_json(path: Union[str, Path], limit_bytes: int | None = None) -> Geometry:
+    """Read a geometry written by ``to_json``, refusing one too large to reconstruct.
+
+    Args:
+        path: the JSON file.
+        limit_bytes: memory limit of the size guard (``bundle.limits.check_geometry_size``);
+            default ``bundle.limits.memory_limit_bytes()``.
+
+    Raises:
+        ValueError: invalid JSON or fields, naming the file.
+        bundle.limits.ResourceLimitError: the geometry needs more memory than the limit, naming the file.
+    """
+    from bundle.limits import ResourceLimitError, check_geometry_size
+
     try:
         d = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     try:
-        return from_dict(d)
+        geometry = from_dict(d)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+    try:
+        check_geometry_size(geometry, limit_bytes=limit_bytes)
+    except ResourceLimitError as err:
+        raise ResourceLimitError(f"geometry {path}: {err}") from err
+    return geometry
+
+
+def check_angles(geometry: Geometry, source: str) -> None:
+    """Refuse projection angles outside [0, 2 pi] or that look like degrees (whole numbers a degree or more apart).
+
+    Args:
+        geometry: the geometry.
+        source: the geometry's file, for the message.
+
+    Raises:
+        ValueError: naming the file, the angles' range and the setting that accepts them anyway.
+    """
+    angles = np.asarray(geometry.angles, dtype=np.float64)
+    low, high = float(angles.min()), float(angles.max())
+    override = "set allow_implausible to true to use them anyway"
+    if low < -1e-6 or high > 2.0 * math.pi + 1e-6:
+        hint = " they look like degrees;" if high <= 360.0 + 1e-6 and low >= -1e-6 else ""
+        raise ValueError(
+            f"geometry {source}: angles range over [{low:.4g}, {high:.4g}], outside [0, 2 pi] radians;{hint} "
+            f"angles are in radians ({override})"
+        )
+    whole = np.allclose(angles, np.round(angles), atol=1e-9)
+    if len(angles) >= 3 and whole and high >= 2.0:
+        raise ValueError(
+            f"geometry {source}: the angles are whole numbers ({', '.join(f'{a:g}' for a in angles[:4])}, ...): "
+            f"they look like degrees; angles are in radians ({override})"
+        )
 
 
 for _cls in _CLASSES.values():

@@ -17,7 +17,7 @@ import torch
 
 from bundle.operators.base import LinearOperator, check_tensor
 
-__all__ = ["MU_WATER", "MU_MAX", "hu_to_normalized", "normalized_to_hu", "simulate_sinogram"]
+__all__ = ["MU_WATER", "MU_MAX", "check_line_integrals", "hu_to_normalized", "normalized_to_hu", "simulate_sinogram"]
 
 #: Linear attenuation of water in 1/mm.
 MU_WATER: float = 0.0192
@@ -25,6 +25,12 @@ MU_WATER: float = 0.0192
 MU_MAX: float = MU_WATER * (1.0 + 2000.0 / 1000.0)
 
 ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
+
+#: Noise may push line integrals below zero by this share of the largest one before they count as negative.
+NEGATIVE_TOLERANCE: float = 0.05
+#: A line integral (normalised, mm) may reach this many times the longest chord through the field
+#: of view (a path through material of normalised attenuation up to this, e.g. metal).
+MAX_MEAN_ATTENUATION: float = 2.0
 
 
 def _check_constants(mu_water: float, mu_max: float) -> None:
@@ -114,3 +120,34 @@ def simulate_sinogram(
         counts = torch.clamp(counts, min=min_counts)
         return (-torch.log(counts / photons) / mu_max).to(x.dtype)
 
+
+def check_line_integrals(sinogram: torch.Tensor | np.ndarray, fov_diameter_mm: float, source: str) -> None:
+    """Refuse a sinogram that cannot hold normalised line integrals ``A x`` (e.g. raw counts, or flipped signs).
+
+    A normalised line integral lies between 0 (air) and the chord length in mm times the
+    normalised attenuation (1 at ``hu_max``); noise can make it slightly negative near air.
+
+    Args:
+        sinogram: the measured sinogram.
+        fov_diameter_mm: the longest chord through the reconstruction grid (mm).
+        source: the file, for the message.
+
+    Raises:
+        ValueError: values below ``-NEGATIVE_TOLERANCE * max`` or above ``MAX_MEAN_ATTENUATION *
+            fov_diameter_mm``, naming the file, with the setting that accepts them anyway.
+    """
+    values = torch.as_tensor(np.asarray(sinogram) if not isinstance(sinogram, torch.Tensor) else sinogram)
+    low, high = float(values.min()), float(values.max())
+    ceiling = MAX_MEAN_ATTENUATION * fov_diameter_mm
+    override = "set allow_implausible to true to reconstruct it anyway"
+    if high > ceiling:
+        raise ValueError(
+            f"sinogram {source}: values up to {high:.4g}, but a line integral through this geometry's field of view "
+            f"is at most about {ceiling:.4g} (normalised attenuation x mm): raw detector counts or intensities "
+            f"instead of line integrals -log(I / I0) / mu_max? ({override})"
+        )
+    if low < -NEGATIVE_TOLERANCE * max(abs(high), 1e-12):
+        raise ValueError(
+            f"sinogram {source}: line integrals as low as {low:.4g} (the largest is {high:.4g}); attenuation "
+            f"line integrals are not negative: wrong sign or offset? ({override})"
+        )

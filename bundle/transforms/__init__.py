@@ -2,7 +2,14 @@
 
 from bundle.transforms.intensity import HUToNormalizedd, ValidateVolumed
 from bundle.transforms.layout import from_zhw, to_zhw, voxel_size_zhw
-from bundle.transforms.sinogram import LoadSinogramd, SimulateSinogramd, load_sinogram, save_sinogram
+from bundle.transforms.sinogram import (
+    LoadSinogramd,
+    SimulateSinogramd,
+    find_sinogram_geometry,
+    geometry_path_for,
+    load_sinogram,
+    save_sinogram,
+)
 from bundle.transforms.slab import RandSlabd, slab_span
 
 __all__ = [
@@ -11,7 +18,9 @@ __all__ = [
     "RandSlabd",
     "SimulateSinogramd",
     "ValidateVolumed",
+    "find_sinogram_geometry",
     "from_zhw",
+    "geometry_path_for",
     "load_sinogram",
     "save_sinogram",
     "slab_span",

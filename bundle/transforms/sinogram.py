@@ -18,12 +18,21 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-from bundle.geometry import Geometry, limited_angle, load_json, sparse_view
+from bundle.geometry import Geometry, check_angles, limited_angle, load_json, sparse_view
 from bundle.operators import make_operator
-from bundle.physics import MU_MAX, simulate_sinogram
+from bundle.physics import MU_MAX, check_line_integrals, simulate_sinogram
+from bundle.settings import as_bool
 from bundle.transforms.layout import to_zhw, voxel_size_zhw
 
-__all__ = ["SimulateSinogramd", "LoadSinogramd", "save_sinogram", "load_sinogram", "geometry_path_for"]
+__all__ = [
+    "SimulateSinogramd",
+    "LoadSinogramd",
+    "save_sinogram",
+    "load_sinogram",
+    "geometry_path_for",
+    "find_sinogram_geometry",
+    "is_geometry_json",
+]
 
 PathLike = Union[str, Path]
 
@@ -36,6 +45,57 @@ def geometry_path_for(sinogram_path: PathLike) -> Path:
         if name.endswith(suffix):
             return p.with_name(name[: -len(suffix)] + ".json")
     return p.with_suffix(".json")
+
+
+def is_geometry_json(path: PathLike) -> bool:
+    """Whether ``path`` is a JSON file holding a geometry (an object with a ``"beam"`` key).
+
+    Other JSON files beside a volume (e.g. the BIDS sidecar ``ct.json`` that dcm2niix writes next
+    to ``ct.nii.gz``) are not geometries.
+    """
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        d = json.loads(p.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "beam" in d
+
+
+def find_sinogram_geometry(path: PathLike, geometry_path: Optional[PathLike] = None) -> Optional[Path]:
+    """The geometry JSON of a sinogram input, or None when ``path`` is a CT volume.
+
+    An input is a sinogram when a geometry is given, or when a geometry JSON lies beside it
+    under the name :func:`save_sinogram` gives it (:func:`geometry_path_for`: ``scan.nii.gz`` ->
+    ``scan.json``), whatever its suffix. A ``.npy`` file is always a sinogram.
+
+    Args:
+        path: the input file (or DICOM folder).
+        geometry_path: the geometry JSON given by the user (``geometry_path``); empty or None: look beside the file.
+
+    Raises:
+        ValueError: a given geometry file that does not exist, or a ``.npy`` input without a
+            geometry JSON, naming the file.
+    """
+    p = Path(path)
+    if geometry_path not in (None, "") and str(geometry_path).strip().lower() not in ("none", "null"):
+        gpath = Path(geometry_path)
+        if not gpath.is_file():
+            raise ValueError(f"geometry_path {gpath} (the geometry of sinogram {p}) does not exist")
+        return gpath
+    if p.is_dir():
+        return None
+    beside = geometry_path_for(p)
+    if is_geometry_json(beside):
+        return beside
+    if p.name.lower().endswith(".npy"):
+        raise ValueError(
+            f"sinogram {p} has no geometry: expected {beside} beside it (as save_sinogram writes it) or set geometry_path"
+        )
+    return None
 
 
 def save_sinogram(path: PathLike, sinogram: torch.Tensor | np.ndarray, geometry: Geometry) -> Path:
@@ -62,16 +122,29 @@ def save_sinogram(path: PathLike, sinogram: torch.Tensor | np.ndarray, geometry:
     return gpath
 
 
-def load_sinogram(path: PathLike, geometry_path: Optional[PathLike] = None) -> tuple[torch.Tensor, Geometry]:
-    """Read a sinogram file and its geometry JSON, checking shape and finiteness.
+def load_sinogram(
+    path: PathLike,
+    geometry_path: Optional[PathLike] = None,
+    allow_implausible: bool = False,
+    limit_bytes: Optional[int] = None,
+) -> tuple[torch.Tensor, Geometry]:
+    """Read a sinogram file and its geometry JSON, checking size, shape, finiteness and plausibility.
+
+    The geometry is read first and refused when too large to reconstruct (``bundle.limits``),
+    before the array is read.
 
     Args:
         path: ``.npy``, ``.nii`` or ``.nii.gz`` array of ``geometry.sino_shape``.
         geometry_path: geometry JSON; default :func:`geometry_path_for` ``(path)``.
+        allow_implausible: accept line integrals that are negative or too large for the field of
+            view (``bundle.physics.check_line_integrals``) and angles outside [0, 2 pi] or in
+            degrees (``bundle.geometry.check_angles``).
+        limit_bytes: memory limit of the size guard; default ``bundle.limits.memory_limit_bytes()``.
 
     Raises:
         ValueError: unknown file type, missing geometry, a shape mismatch (naming both files
-            and shapes) or NaN/Inf values (naming the file).
+            and shapes), NaN/Inf values or implausible values (naming the file).
+        bundle.limits.ResourceLimitError: a geometry too large for the memory limit.
     """
     p = Path(path)
     gpath = Path(geometry_path) if geometry_path is not None else geometry_path_for(p)
@@ -79,21 +152,29 @@ def load_sinogram(path: PathLike, geometry_path: Optional[PathLike] = None) -> t
         raise ValueError(f"sinogram file {p} does not exist")
     if not gpath.is_file():
         raise ValueError(f"geometry file {gpath} for sinogram {p} does not exist")
-    if p.name.endswith((".nii.gz", ".nii")):
-        import nibabel as nib
+    geometry = load_json(gpath, limit_bytes=limit_bytes)
+    try:
+        if p.name.endswith((".nii.gz", ".nii")):
+            import nibabel as nib
 
-        arr = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
-    elif p.suffix == ".npy":
-        arr = np.load(p, allow_pickle=False).astype(np.float32)
-    else:
-        raise ValueError(f"{p}: sinogram files are .npy, .nii or .nii.gz")
-    geometry = load_json(gpath)
+            arr = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+        elif p.suffix == ".npy":
+            arr = np.load(p, allow_pickle=False).astype(np.float32)
+        else:
+            raise ValueError(f"{p}: sinogram files are .npy, .nii or .nii.gz")
+    except (OSError, EOFError, ValueError) as err:
+        if str(p) in str(err):
+            raise
+        raise ValueError(f"sinogram {p} cannot be read: {type(err).__name__}: {err}") from err
     if tuple(arr.shape) != tuple(geometry.sino_shape):
         raise ValueError(
             f"sinogram {p} has shape {tuple(arr.shape)} but its geometry {gpath} expects {geometry.sino_shape}"
         )
     if not np.isfinite(arr).all():
         raise ValueError(f"sinogram {p} contains NaN or Inf values")
+    if not allow_implausible:
+        check_angles(geometry, str(gpath))
+        check_line_integrals(arr, 2.0 * geometry.fov_radius, str(p))
     return torch.from_numpy(arr), geometry
 
 
@@ -192,25 +273,33 @@ class LoadSinogramd(MapTransform):
     Args:
         keys: the one key holding the sinogram path.
         geometry_key: key of the geometry JSON path (input) and geometry object (output).
+        allow_implausible: accept implausible line integrals and angles (:func:`load_sinogram`).
         allow_missing_keys: skip a missing key.
 
     Raises:
         ValueError: shape mismatch between sinogram and geometry (naming both files and
-            shapes), NaN/Inf (naming the file), missing files.
+            shapes), NaN/Inf or implausible values (naming the file), missing files.
     """
 
-    def __init__(self, keys: KeysCollection = "sinogram", geometry_key: str = "geometry", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = "sinogram",
+        geometry_key: str = "geometry",
+        allow_implausible: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"LoadSinogramd takes exactly one sinogram key, got {self.keys}")
         self.geometry_key = geometry_key
+        self.allow_implausible = as_bool(allow_implausible, "allow_implausible")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             gpath = d.get(self.geometry_key)
             gpath = gpath if isinstance(gpath, (str, Path)) else None
-            sino, geometry = load_sinogram(d[key], gpath)
+            sino, geometry = load_sinogram(d[key], gpath, allow_implausible=self.allow_implausible)
             d[key] = sino
             d[self.geometry_key] = geometry
         return d
