@@ -67,6 +67,7 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "method",
     "psnr_3d",
     "ssim_3d",
+    "mae_body_hu",
     "psnr_axial",
     "psnr_coronal",
     "psnr_sagittal",
@@ -82,7 +83,7 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "note",
 )
 NFE_COLUMNS: tuple[str, ...] = (
-    "volume", "setting", "method", "steps", "nfe", "seconds", "psnr_3d", "ssim_3d",
+    "volume", "setting", "method", "steps", "nfe", "seconds", "psnr_3d", "ssim_3d", "mae_body_hu",
     "psnr_coronal", "psnr_sagittal", "peak_memory_mb", "note",
 )
 SETTING_KEYS = ("views", "arc_degrees", "step_degrees", "photons", "electronic_noise", "beam")

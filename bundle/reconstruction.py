@@ -462,7 +462,7 @@ class Reconstruction:
             # the figure shows the model grid (RAS after the preprocessing), so the views are the radiological ones
             shown = [("reconstruction", recon)]
             if truth is not None:
-                metrics.update(reconstruction_metrics(to_zhw(out[None]), to_zhw(truth[None])))
+                metrics.update(reconstruction_metrics(to_zhw(out[None]), to_zhw(truth[None]), MU_WATER, self.mu_max))
                 shown.append(("ground truth", x))
             if std is not None:  # scaled so that the largest std is white
                 shown.append(("std (scaled)", std * (window / max(float(std.max()), 1e-8))))

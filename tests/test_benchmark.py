@@ -66,7 +66,7 @@ def test_benchmark_table_figures_and_nfe_sweep(setup, tmp_path):
     ]  # fmt: skip
     assert [(r["setting"], r["method"], r["variant"]) for r in rows] == expected
     for r in rows:
-        for key in ("psnr_3d", "ssim_3d", "psnr_axial", "psnr_coronal", "psnr_sagittal", "ssim_sagittal", "seconds", "peak_memory_mb"):
+        for key in ("psnr_3d", "ssim_3d", "mae_body_hu", "psnr_axial", "psnr_coronal", "psnr_sagittal", "ssim_sagittal", "seconds", "peak_memory_mb"):
             assert np.isfinite(r[key]), (r["method"], key)
         assert r["samples"] == (2 if r["variant"] == "mean of 2" else 1)
         assert r["nfe"] == (2 * r["samples"] if r["method"] in ("dbpp", "dds2d", "mbir") else 0)

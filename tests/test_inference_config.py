@@ -86,7 +86,7 @@ def test_default_method_writes_outputs_on_the_input_grid(data, tmp_path):
     assert np.isfinite(recon.get_fdata()).all()
     assert (tmp_path / "crop_views.png").stat().st_size > 0
     assert metrics["method"] == "dbpp" and metrics["nfe"] == 3 and metrics["network_calls"] >= 3
-    for key in ("psnr_3d", "ssim_3d", "psnr_axial", "psnr_coronal", "psnr_sagittal", "ssim_sagittal", "seconds", "peak_memory_mb"):
+    for key in ("psnr_3d", "ssim_3d", "mae_body_hu", "psnr_axial", "psnr_coronal", "psnr_sagittal", "ssim_sagittal", "seconds", "peak_memory_mb"):
         assert np.isfinite(metrics[key]), key
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
