@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -30,7 +30,9 @@ class SparseViewValidation:
     using ``network`` (typically the EMA weights), and stores the mean PSNR / SSIM (on the
     [0, 1] scale) in ``engine.state.metrics`` under ``metric_name`` and ``"val_ssim"``. When
     ``best_path`` is given, the weights with the best PSNR so far are written there (a plain
-    state dict, atomically).
+    state dict, atomically). The best PSNR is the handler's state (``state_dict`` /
+    ``load_state_dict``): checkpointed with the training, a resumed run replaces ``best_path``
+    only with a better model than any before the interruption.
 
     Args:
         network: the denoiser to validate.
@@ -72,6 +74,14 @@ class SparseViewValidation:
         self.backend = backend
         self.best_path = Path(best_path) if best_path else None
         self.best = float("-inf")
+
+    def state_dict(self) -> dict[str, float]:
+        """The state to checkpoint: the best PSNR so far (``-inf`` before the first validation)."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        """Restore the best PSNR from a checkpoint written by ``state_dict``."""
+        self.best = float(state["best"])
 
     def attach(self, engine: Engine) -> None:
         if self.interval > 0 and len(self.volumes) == 0:

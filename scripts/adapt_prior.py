@@ -2,7 +2,8 @@
 
     python scripts/adapt_prior.py models/model.pt --slab_size 1 --separations 1 --out runs/train_2d/init.pt
     python -m monai.bundle run training --config_file configs/train.json --slab_size 1 --separations "[1]" \
-        --init_from runs/train_2d/init.pt --output_dir runs/train_2d --model_path models/model_2d.pt
+        --init_from runs/train_2d/init.pt --output_dir runs/train_2d
+    python scripts/publish_weights.py runs/train_2d/model.pt --slab_size 1     # -> models/model_2d.pt, an explicit step
 
 The network sizes come from ``configs/inference.json``'s ``network_def``; only the slab size and
 the separation set change (see ``bundle.networks.adapt_slab_state_dict``).

@@ -25,10 +25,13 @@ def datalist(folder: Path, names: list[str], validation: list[str] = ()) -> Path
 
 def train(root: Path, python: str, work: Path, *, configs: str = "configs/train.json", launcher: list[str] | None = None,
           check: bool = True, **overrides) -> subprocess.CompletedProcess:
-    """Run the training workflow on the tiny data in ``work`` with a tiny network."""
+    """Run the training workflow on the tiny data in ``work`` with a tiny network.
+
+    ``model_path`` keeps its default, ``@output_dir/model.pt``: no run of the tests writes to ``models/``.
+    """
     settings = {
         "data_root": str(work), "datalist": str(work / "datalist.json"), "output_dir": str(work / "run"),
-        "model_path": str(work / "run" / "model.pt"), "image_size": 32, "batch_size": 4,
+        "image_size": 32, "batch_size": 4,
         "samples_per_volume": 4, "max_epochs": 1, "warmup_iterations": 1, **TINY_NETWORK, **overrides,
     }
     cmd = (launcher or [python]) + ["-m", "monai.bundle", "run", "training", "--config_file", configs]
@@ -59,7 +62,7 @@ def test_train_config_validates_and_writes_loadable_weights(root: Path, python: 
     assert set(state) == set(net.state_dict())
     load_weights(net, work / "run" / "model.pt")
     ckpt = torch.load(work / "run" / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
-    assert {"network", "ema", "optimizer", "lr_scheduler", "trainer", "random_states"} <= set(ckpt)
+    assert {"network", "ema", "optimizer", "lr_scheduler", "trainer", "random_states", "validation"} <= set(ckpt)
     assert ckpt["trainer"]["iteration"] == 2
 
 
@@ -81,13 +84,12 @@ def test_2d_prior_trains_and_validates_with_the_same_config(root: Path, python: 
 def test_resume_matches_uninterrupted_run(root: Path, python: str, work: Path, configs: str) -> None:
     """Also with the augmentation overlay, whose affine draws must be checkpointed as well."""
     straight, split = work / "straight", work / "split"
-    train(root, python, work, configs=configs, max_epochs=3, output_dir=str(straight), model_path=str(straight / "model.pt"))
+    train(root, python, work, configs=configs, max_epochs=3, output_dir=str(straight))
     # interrupted after 2 of 6 iterations, then resumed from the checkpoint it left
-    train(root, python, work, configs=configs, max_epochs=3, stop_after_iterations=2, output_dir=str(split),
-          model_path=str(split / "model.pt"))
+    train(root, python, work, configs=configs, max_epochs=3, stop_after_iterations=2, output_dir=str(split))
     stopped = torch.load(split / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
     assert stopped["trainer"]["iteration"] == 2
-    resumed = train(root, python, work, configs=configs, max_epochs=3, output_dir=str(split), model_path=str(split / "model.pt"))
+    resumed = train(root, python, work, configs=configs, max_epochs=3, output_dir=str(split))
     assert "Epoch: 1/3" not in resumed.stdout + resumed.stderr  # it went on from epoch 2
 
     a = torch.load(straight / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
