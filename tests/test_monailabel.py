@@ -8,6 +8,12 @@ process group) at the end. Requests go over HTTP with bounded timeouts.
 
 Reconstructions with the diffusion prior need the shipped ``models/model.pt``; they run with
 few DDIM steps (data consistency does the rest) and must beat FBP at the same views.
+
+Bad requests (issue 14): each task refuses the other kind of study, every numeric setting has
+a range, the size guard refuses requests whose memory estimate exceeds the server's limit
+(``--conf memory_limit_gb``, :data:`MEMORY_LIMIT_GB` here) before allocating anything, and an
+unknown task or a ``params`` field that is not a JSON object gets a 4xx; after each, a good
+request shows that the server keeps serving.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ SAMPLE = ROOT / "sample" / "sample_ct.nii.gz"
 MODEL = ROOT / "models" / "model.pt"
 
 VIEWS = 8
+MEMORY_LIMIT_GB = 16  # the server's size guard limit: fixed, so that the refusals below do not depend on the machine
 STEPS = 10  # DDIM steps of the diffusion requests: few, the data consistency carries them
 SLICES = slice(14, 26)  # 12 axial slices of the sample, full in-plane size (122 x 101, 3 mm)
 HU_MAX = 2000.0  # configs/inference.json: HU mapped to 1
@@ -149,6 +156,17 @@ class Server:
             status, content = err.code, err.read()
         return status, content, time.perf_counter() - start
 
+    def post(self, path: str, data: bytes, content_type: str) -> tuple[int, bytes]:
+        """``POST <path>`` with a raw body: status and body."""
+        request = urllib.request.Request(
+            f"{self.url}{path}", data=data, method="POST", headers={"Content-Type": content_type}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
@@ -160,6 +178,7 @@ def server(label_env: Path, studies: Path, tmp_path_factory: pytest.TempPathFact
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [str(label_env), "-m", "bundle.monailabel", "--studies", str(studies), "--port", str(port)]
     cmd += ["--conf", "steps", str(STEPS), "--conf", "views", str(VIEWS)]
+    cmd += ["--conf", "memory_limit_gb", str(MEMORY_LIMIT_GB)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
     env["PYTHONUNBUFFERED"] = "1"
     start = time.perf_counter()
@@ -275,6 +294,15 @@ def test_samples_give_the_posterior_mean(server: Server) -> None:
     assert answer["metrics"]["samples"] == 2 and answer["metrics"]["nfe"] == 4
 
 
+#: What each task answers to a study of the other kind.
+WRONG_KIND = {
+    "sino": "study sino.nii.gz is a sinogram (its geometry JSON sino.json lies beside it); "
+    "sparse_view_ct takes CT volumes: use the sinogram_ct task",
+    "ct": "study ct.nii.gz has no geometry JSON, so it is a CT volume; "
+    "sinogram_ct takes sinograms: use the sparse_view_ct task",
+}
+
+
 @pytest.mark.parametrize(
     ("task", "image", "params", "status", "words"),
     [
@@ -287,10 +315,28 @@ def test_samples_give_the_posterior_mean(server: Server) -> None:
         ("sparse_view_ct", "ct", {"samples": 0}, 400, "samples must be >= 1"),
         ("sparse_view_ct", "ct", {"samples": 17}, 400, "samples must be <= 16"),
         ("sparse_view_ct", "ct", {"warm_start": 1.0}, 400, "warm_start must be a number in [0, 1)"),
+        ("sparse_view_ct", "ct", {"warm_start": -0.1}, 400, "warm_start must be a number in [0, 1)"),
         ("sparse_view_ct", "ct", {"device": "tpu"}, 400, "device"),
+        # the caps of every numeric setting (issue 14)
+        ("sparse_view_ct", "ct", {"views": 3601}, 400, "views must be <= 3600, got 3601"),
+        ("sparse_view_ct", "ct", {"arc_degrees": 90, "step_degrees": 0.02}, 400, "gives 4500 views, more than 3600"),
+        ("sparse_view_ct", "ct", {"arc_degrees": 0}, 400, "arc_degrees must be a number in (0, 360]"),
+        ("sparse_view_ct", "ct", {"step_degrees": 0}, 400, "step_degrees must be a number in (0, 360]"),
+        ("sparse_view_ct", "ct", {"photons": 0}, 400, "photons must be a number in (0, 1e+12]"),
+        ("sparse_view_ct", "ct", {"photons": 1e13}, 400, "photons must be a number in (0, 1e+12]"),
+        ("sparse_view_ct", "ct", {"steps": 1001}, 400, "steps must be <= 1000"),
+        ("sparse_view_ct", "ct", {"eta": 1.5}, 400, "eta must be a number in [0, 1]"),
+        ("sparse_view_ct", "ct", {"batch_size": 0}, 400, "batch_size must be >= 1"),
+        ("sparse_view_ct", "ct", {"batch_size": 257}, 400, "batch_size must be <= 256"),
+        ("sparse_view_ct", "ct", {"seed": -1}, 400, "seed must be >= 0"),
+        ("sparse_view_ct", "ct", {"seed": 2**31}, 400, "seed must be <= 2147483647"),
+        ("sinogram_ct", "sino", {"steps": 5000}, 400, "steps must be <= 1000"),
+        ("sinogram_ct", "sino", {"batch_size": 1e6}, 400, "batch_size must be <= 256"),
         ("sparse_view_ct", "flat", {"method": "fbp"}, 422, "expected a 3D volume"),
         ("sparse_view_ct", "missing", {}, 404, "not found"),
-        ("sinogram_ct", "ct", {"method": "fbp"}, 422, "no geometry JSON"),
+        # each task takes only its kind of study (issue 14)
+        ("sparse_view_ct", "sino", {"method": "fbp"}, 422, WRONG_KIND["sino"]),
+        ("sinogram_ct", "ct", {"method": "fbp"}, 422, WRONG_KIND["ct"]),
         ("sinogram_ct", "sino", {"method": "nope"}, 400, "unknown method"),
     ],
 )
@@ -305,6 +351,84 @@ def test_bad_requests_get_http_errors(
     # the server keeps serving: a good request right after the bad one
     recon = _reconstruct(server, "sparse_view_ct", "ct", tmp_path / "after.nii.gz", method="fbp")
     assert recon.ndim == 3
+
+
+@pytest.mark.parametrize(
+    ("params", "setting"),
+    [({"views": 1e9}, "views=1000000000"), ({"arc_degrees": 90, "step_degrees": 1e-9}, "step_degrees=1e-09")],
+)
+def test_size_guard_refuses_huge_requests(server: Server, params: dict, setting: str, tmp_path: Path) -> None:
+    """``{"views": 1e9}`` grew the server to 23 GB until the kernel killed it: now a 422 with the estimate and the limit."""
+    status, content, seconds = server.infer("sparse_view_ct", "ct", **params)
+    TIMINGS[f"size_guard_{setting}_s"] = seconds
+    assert status == 422, f"{params}: HTTP {status}: {content[:500]!r}\n{server.tail()}"
+    detail = json.loads(content)["detail"]
+    assert setting in detail and "study ct.nii.gz" in detail, detail
+    assert "needs an estimated" in detail and f"more than the limit of {MEMORY_LIMIT_GB:.1f} GB" in detail, detail
+    assert "memory_limit_gb" in detail, detail  # what to change
+    recon = _reconstruct(server, "sparse_view_ct", "ct", tmp_path / "after.nii.gz", method="fbp")
+    assert recon.ndim == 3
+
+
+@pytest.mark.parametrize(
+    ("task", "params", "status", "words"),
+    [
+        ("nope", "{}", 404, "unknown task 'nope'; this server's tasks are ['sinogram_ct', 'sparse_view_ct']"),
+        ("sparse_view_ct", "{views: 8", 400, "params must be a JSON object such as {\"views\": 8}; it is not valid JSON"),
+        ("sparse_view_ct", "[8]", 400, "params must be a JSON object such as {\"views\": 8}, got a JSON list"),
+        ("sparse_view_ct", '"fbp"', 400, "got a JSON str"),
+    ],
+)
+def test_malformed_requests_get_4xx(server: Server, task: str, params: str, status: int, words: str, tmp_path: Path) -> None:
+    """MONAI Label 0.8.5 answers these with a bare 500; the app answers with a 4xx and a message."""
+    query = urllib.parse.urlencode({"image": "ct", "output": "image"})
+    body = urllib.parse.urlencode({"params": params}).encode()
+    got, content = server.post(f"/infer/{task}?{query}", body, "application/x-www-form-urlencoded")
+    assert got == status, f"{task} {params!r}: HTTP {got}: {content[:500]!r}\n{server.tail()}"
+    assert words in json.loads(content)["detail"]
+    recon = _reconstruct(server, "sparse_view_ct", "ct", tmp_path / "after.nii.gz", method="fbp")
+    assert recon.ndim == 3
+
+
+def test_next_sample_offers_each_task_its_studies(server: Server) -> None:
+    """Next Sample's ``random`` offers CT volumes only (for sparse_view_ct), ``random_sinogram`` sinograms only."""
+    status, content = _get(f"{server.url}/info/")
+    assert status == 200
+    assert set(json.loads(content)["strategies"]) == {"random", "random_sinogram"}
+    offered: dict[str, set[str]] = {"random": set(), "random_sinogram": set()}
+    for strategy, tries in (("random", 20), ("random_sinogram", 5)):  # 20 random draws of 3 studies all miss sino: p = 3e-4
+        for _ in range(tries):
+            got, answer = server.post(f"/activelearning/{strategy}", b"{}", "application/json")
+            assert got == 200, f"{strategy}: HTTP {got}: {answer[:500]!r}\n{server.tail()}"
+            offered[strategy].add(json.loads(answer)["id"])
+    assert offered["random"] and offered["random"] <= {"ct", "flat"}, offered
+    assert offered["random_sinogram"] == {"sino"}, offered
+
+
+def test_conf_values_out_of_range_stop_the_app(label_env: Path, studies: Path, tmp_path: Path) -> None:
+    """``--conf`` values of request settings obey the requests' ranges: the app refuses to start otherwise."""
+    code = (
+        "import sys\n"
+        "from bundle.monailabel.main import DiffusionBlendCTApp\n"
+        "for conf in ({'views': '1e9'}, {'steps': '0'}, {'batch_size': '1000'}, {'memory_limit_gb': '-1'}):\n"
+        "    try:\n"
+        "        DiffusionBlendCTApp(sys.argv[1], sys.argv[2], conf)\n"
+        "    except ValueError as err:\n"
+        "        print('refused:', err)\n"
+        "    else:\n"
+        "        print('started:', conf)\n"
+    )
+    done = subprocess.run(
+        [str(label_env), "-c", code, str(tmp_path), str(studies)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("refused:", "started:"))]
+    assert lines == [
+        "refused: --conf views: views must be <= 3600, got 1000000000.0",
+        "refused: --conf steps: steps must be >= 1, got 0",
+        "refused: --conf batch_size: batch_size must be <= 256, got 1000",
+        "refused: memory_limit_gb must be a number of GB > 0 or null, got '-1'",
+    ], done.stdout
 
 
 def test_read_only_typo_stops_the_app(label_env: Path, studies: Path, tmp_path: Path) -> None:
