@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from bundle.geometry import sparse_view
 from bundle.networks import SlabDenoiser
 from bundle.operators import make_operator
-from bundle.recon.inferers import METHODS, DiffusionBlendInferer, PeakMemory, make_inferer, method_slab_size
+from bundle.recon.inferers import (
+    METHODS,
+    DiffusionBlendInferer,
+    PeakMemory,
+    accepted_settings,
+    check_settings,
+    make_inferer,
+    method_slab_size,
+)
 from bundle.recon.partitions import DiffusionBlendPPSchedule, ShiftedSchedule, SliceSchedule
 
 TINY = {"channels": (8, 16), "attention_levels": (False, False), "norm_num_groups": 8, "num_head_channels": 8}
@@ -29,10 +38,37 @@ def test_switch():
     assert isinstance(make_inferer("db").schedule, ShiftedSchedule)
     assert isinstance(make_inferer("dds2d", slab_size=3).schedule, SliceSchedule)
     assert make_inferer("mbir").data_consistency == "ztv"
-    assert make_inferer("sirt", steps=3, n_iter=4).inner.n_iter == 4  # unrelated settings are ignored
     assert [method_slab_size(m) for m in ("dbpp", "dds2d", "fbp")] == [3, 1, None]
     with pytest.raises(ValueError, match="unknown reconstruction method 'magic'"):
         make_inferer("magic")
+
+
+def test_settings_of_another_method_are_allowed_unknown_ones_raise():
+    """One set of settings drives every method; a name that no method takes (a typo) is an error, never a no-op."""
+    assert make_inferer("sirt", steps=3, n_iter=4).inner.n_iter == 4  # steps: a diffusion setting, ignored by SIRT
+    assert make_inferer("dbpp", steps=3, n_iter=4, lam=1e-3).steps == 3  # n_iter, lam: classical settings
+    with pytest.raises(ValueError, match=r"unknown reconstruction setting 'cg_lamda'.*did you mean 'cg_lambda'\?"):
+        make_inferer("dbpp", cg_lamda=0.1)
+    with pytest.raises(ValueError, match=r"unknown reconstruction setting 'n_iters'.*did you mean 'n_iter'\?"):
+        make_inferer("sirt", n_iters=10)
+    with pytest.raises(ValueError, match=r"unknown reconstruction setting 'num_train_timesteps'.*'noise_schedule'"):
+        make_inferer("dbpp", num_train_timesteps=500)  # the schedule is one object now (configs/inference.json)
+    with pytest.raises(ValueError, match=r"unknown reconstruction setting 'qqq'.*the settings are \["):
+        make_inferer("fbp", qqq=1)
+    assert {"steps", "n_iter", "lam", "filter_name", "noise_schedule"} <= accepted_settings()
+
+
+@pytest.mark.parametrize("config", [["inference.json"], ["inference.json", "evaluate.json"]])
+def test_configs_pass_only_known_settings(root, config):
+    """The configs' inferer settings all exist (a typo there would now stop the run; here it stops the test)."""
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / name) for name in config])
+    parser.update({"bundle_root": str(root)})
+    inferer = parser.get("inferer")
+    settings = {k: v for k, v in inferer.items() if not k.startswith("_") and k != "method"}
+    if "evaluation" in parser:
+        settings.update(parser.get("evaluation#inferer_settings"))
+    check_settings(settings)
 
 
 def test_diffusion_inferer_counts_and_is_deterministic(problem):

@@ -82,10 +82,10 @@ class _Oracle:
     size_divisor = 16
 
     def __init__(self, clean: torch.Tensor) -> None:
-        from bundle.recon.sampler import linear_alphas_cumprod
+        from monai.networks.schedulers import DDPMScheduler
 
         self.clean = clean  # (H', W') in [-1, 1]
-        self.alphas_cumprod = linear_alphas_cumprod()
+        self.alphas_cumprod = DDPMScheduler().alphas_cumprod  # make_inferer's default schedule
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, separation: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)

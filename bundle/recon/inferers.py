@@ -17,6 +17,7 @@ Methods (``METHODS``):
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import threading
@@ -28,10 +29,11 @@ import torch
 from monai.inferers import Inferer
 
 from bundle.recon.data_consistency import ConjugateGradientDC, ZTVDataConsistency
+from bundle.recon.noise_schedule import NoiseSchedule
 from bundle.recon.padding import CroppedDataConsistency, centre_crop, working_shape
 from bundle.recon.partitions import make_schedule
 from bundle.precision import resolve_mixed_precision
-from bundle.recon.sampler import ddim_timesteps, linear_alphas_cumprod, sample
+from bundle.recon.sampler import ddim_timesteps, sample
 from bundle.settings import as_bool
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "DIFFUSION_METHODS",
     "DiffusionBlendInferer",
     "PeakMemory",
+    "accepted_settings",
+    "check_settings",
     "make_inferer",
     "method_settings",
     "method_slab_size",
@@ -136,6 +140,21 @@ class _CountedDenoiser:
         return out
 
 
+def _alphas_cumprod(noise_schedule: Any) -> torch.Tensor:
+    """The cumulative alphas ``(T,)`` of a noise schedule (a copy).
+
+    Raises:
+        TypeError: ``noise_schedule`` has no ``alphas_cumprod`` (e.g. a number was given).
+    """
+    alphas_cumprod = getattr(noise_schedule, "alphas_cumprod", None)
+    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.ndim != 1:
+        raise TypeError(
+            "noise_schedule must be a NoiseSchedule or a scheduler with alphas_cumprod "
+            f"(configs/inference.json 'noise_schedule'), got {type(noise_schedule).__name__}"
+        )
+    return alphas_cumprod.detach().clone()
+
+
 class DiffusionBlendInferer(Inferer):
     """Reconstruct with a slab diffusion prior: DiffusionBlend(++), DDS-2D or the DiffusionMBIR-style baseline.
 
@@ -153,9 +172,10 @@ class DiffusionBlendInferer(Inferer):
         tv_lambda: z-TV weight of ``"ztv"``, relative to ``||A||^2``.
         batch_size: slabs per network call.
         seed: seed of the start noise, the re-noising and the random partition offsets.
-        num_train_timesteps: T of the training schedule.
-        beta_start: first beta of the linear training schedule.
-        beta_end: last beta of the linear training schedule.
+        noise_schedule: the prior's training noise schedule (a ``NoiseSchedule``, or any
+            scheduler with ``alphas_cumprod`` such as MONAI's ``DDPMScheduler``). The bundle
+            defines it once, in ``configs/inference.json`` ``noise_schedule``; ``None`` takes
+            ``NoiseSchedule()`` (T = 1000, linear betas 1e-4 .. 0.02: the shipped priors').
         mixed_precision: bf16 autocast of the network: ``"auto"`` (where the device computes
             bf16 natively, ``bundle.precision``), true or false.
         progress: show a progress bar.
@@ -186,9 +206,7 @@ class DiffusionBlendInferer(Inferer):
         tv_lambda: float = 5e-5,
         batch_size: int = 8,
         seed: int = 0,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
+        noise_schedule: NoiseSchedule | None = None,
         mixed_precision: bool | str = "auto",
         progress: bool = False,
         image_size: int | None = None,
@@ -214,7 +232,8 @@ class DiffusionBlendInferer(Inferer):
         self.tv_lambda = float(tv_lambda)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self.alphas_cumprod = linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
+        self.noise_schedule = noise_schedule if noise_schedule is not None else NoiseSchedule()
+        self.alphas_cumprod = _alphas_cumprod(self.noise_schedule)
         self.mixed_precision = mixed_precision
         resolve_mixed_precision(mixed_precision, "cpu")  # an invalid value fails here, not mid-run
         self.progress = as_bool(progress, "progress")
@@ -344,7 +363,7 @@ class DiffusionBlendInferer(Inferer):
         return (
             f"DiffusionBlendInferer(schedule={self.schedule!r}, steps={self.steps}, eta={self.eta}, "
             f"data_consistency={self.data_consistency!r}, cg_iterations={self.cg_iterations}, "
-            f"warm_start={self.warm_start}, seed={self.seed})"
+            f"warm_start={self.warm_start}, seed={self.seed}, noise_schedule={self.noise_schedule!r})"
         )
 
 
@@ -407,24 +426,53 @@ def _method_class(method: str) -> Callable[..., Any]:
     return getattr(classical, CLASSICAL_METHODS[method])
 
 
+def accepted_settings() -> frozenset[str] | None:
+    """The setting names that some method takes (``None``: a method takes any keyword)."""
+    names: set[str] = set()
+    for method in METHODS:
+        params = inspect.signature(_method_class(method)).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return None
+        names.update(params)
+    return frozenset(names)
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """Refuse a setting that no method takes (a typo such as ``cg_lamda`` would otherwise do nothing).
+
+    Raises:
+        ValueError: naming the setting and the closest accepted name.
+    """
+    accepted = accepted_settings()
+    if accepted is None:
+        return
+    for name in settings:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, sorted(accepted), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the settings are {sorted(accepted)}"
+            raise ValueError(f"unknown reconstruction setting {name!r}: no method takes it ({hint})")
+
+
 def method_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The part of ``settings`` that ``method`` takes (with the method's own fixed settings for diffusion methods).
 
     Raises:
-        ValueError: an unknown method.
+        ValueError: an unknown method, or a setting that no method takes (:func:`check_settings`).
     """
+    check_settings(settings)
     return _accepted(_method_class(method), {**settings, **DIFFUSION_METHODS.get(method, {})})
 
 
 def make_inferer(method: str = "dbpp", **settings: Any) -> Inferer:
     """The inferer of ``method`` (one of :data:`METHODS`), configured by ``settings``.
 
-    Settings a method does not take are ignored (:func:`method_settings`), so one set of
-    settings (steps, seed, ...) can drive every method; the method fixes its own schedule and
-    slab size.
+    A setting that another method takes but this one does not is ignored
+    (:func:`method_settings`), so one set of settings (steps, seed, ...) can drive every
+    method; the method fixes its own schedule and slab size. A setting that no method takes
+    is an error.
 
     Raises:
-        ValueError: an unknown method.
+        ValueError: an unknown method, or a setting that no method takes.
     """
     inferer: Inferer = _method_class(method)(**method_settings(method, settings))
     if method in CLASSICAL_METHODS:

@@ -9,21 +9,9 @@ import torch
 from bundle.precision import autocast as bf16_autocast
 from bundle.recon.partitions import Denoiser, PartitionSchedule, blend
 
-__all__ = ["ddim_timesteps", "linear_alphas_cumprod", "sample"]
+__all__ = ["ddim_timesteps", "sample"]
 
 DataConsistency = Callable[[torch.Tensor], torch.Tensor]
-
-
-def linear_alphas_cumprod(
-    num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> torch.Tensor:
-    """``alphas_cumprod`` of the DDPM linear beta schedule, read from MONAI's ``DDPMScheduler``."""
-    from monai.networks.schedulers import DDPMScheduler
-
-    scheduler = DDPMScheduler(
-        num_train_timesteps=num_train_timesteps, schedule="linear_beta", beta_start=beta_start, beta_end=beta_end
-    )
-    return scheduler.alphas_cumprod.clone()
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int) -> torch.Tensor:
@@ -67,7 +55,8 @@ def sample(
         schedule: yields the partition of each step.
         data_consistency: maps the [0, 1] image estimate to a measurement-consistent one;
             ``None`` skips it (unconditional sampling).
-        alphas_cumprod: the training schedule's cumulative alphas ``(T,)``.
+        alphas_cumprod: the training schedule's cumulative alphas ``(T,)`` (the ``alphas_cumprod`` of
+            the noise scheduler, ``configs/inference.json`` ``noise_schedule``).
         num_steps: DDIM steps (network evaluations per slab).
         eta: stochasticity of the re-noising (0 = deterministic DDIM).
         batch_size: slabs per denoiser call.
