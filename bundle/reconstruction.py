@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import shutil
 import signal
@@ -48,7 +47,7 @@ from bundle.limits import check_memory, estimate_memory_bytes, memory_limit_byte
 from bundle.metrics import reconstruction_metrics
 from bundle.networks import load_weights
 from bundle.physics import MU_WATER, hu_to_normalized, normalized_to_hu, simulate_sinogram
-from bundle.settings import as_bool
+from bundle.settings import as_bool, setting_number
 from bundle.transforms.layout import from_zhw, to_zhw, voxel_size_zhw
 from bundle.transforms.sinogram import find_sinogram_geometry, load_sinogram
 
@@ -81,42 +80,6 @@ def input_name(path: str | Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def setting_number(
-    name: str,
-    value: Any,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    integer: bool = False,
-    open_maximum: bool = False,
-    open_minimum: bool = False,
-) -> float | int:
-    """``value`` as a number in range, or a ValueError naming the setting ``name`` and the rule.
-
-    Args:
-        name: the setting, for the message.
-        value: the configured value (numbers, or strings as the command line may give them).
-        minimum: the smallest allowed value (None: unbounded).
-        maximum: the largest allowed value (None: unbounded).
-        integer: the value must be a whole number (returned as int).
-        open_maximum: ``maximum`` itself is not allowed.
-        open_minimum: ``minimum`` itself is not allowed.
-    """
-    low = "" if minimum is None else f"{'>' if open_minimum else '>='} {minimum:g}"
-    high = "" if maximum is None else f"{'<' if open_maximum else '<='} {maximum:g}"
-    rule = f"{'an integer' if integer else 'a number'}{' ' + low if low else ''}{' and ' + high if low and high else ' ' + high if high else ''}"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number) or (integer and number != int(number)):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-    if minimum is not None and (number < minimum or (open_minimum and number == minimum)):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-    if maximum is not None and (number > maximum or (open_maximum and number == maximum)):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-    return int(number) if integer else number
 
 
 def check_device(device: torch.device | str | None) -> torch.device:

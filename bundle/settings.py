@@ -7,6 +7,7 @@ set from the command line go through :func:`as_bool`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -33,3 +34,39 @@ def as_bool(value: Any, name: str) -> bool:
     if word in _TRUE or word in _FALSE:
         return word in _TRUE
     raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def setting_number(
+    name: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    integer: bool = False,
+    open_maximum: bool = False,
+    open_minimum: bool = False,
+) -> float | int:
+    """``value`` as a number in range, or a ValueError naming the setting ``name`` and the rule.
+
+    Args:
+        name: the setting, for the message.
+        value: the configured value (numbers, or strings as the command line may give them).
+        minimum: the smallest allowed value (None: unbounded).
+        maximum: the largest allowed value (None: unbounded).
+        integer: the value must be a whole number (returned as int).
+        open_maximum: ``maximum`` itself is not allowed.
+        open_minimum: ``minimum`` itself is not allowed.
+    """
+    low = "" if minimum is None else f"{'>' if open_minimum else '>='} {minimum:g}"
+    high = "" if maximum is None else f"{'<' if open_maximum else '<='} {maximum:g}"
+    rule = f"{'an integer' if integer else 'a number'}{' ' + low if low else ''}{' and ' + high if low and high else ' ' + high if high else ''}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or (integer and number != int(number)):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if minimum is not None and (number < minimum or (open_minimum and number == minimum)):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if maximum is not None and (number > maximum or (open_maximum and number == maximum)):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return int(number) if integer else number

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from monai.bundle import ConfigParser
@@ -138,7 +140,24 @@ def test_warm_start_starts_from_the_classical_reconstruction(problem):
     torch.testing.assert_close(start, a**0.5 * (2 * sirt - 1) + (1 - a) ** 0.5 * z, atol=1e-5, rtol=0)
 
     assert make_inferer("dbpp", steps=4, warm_start=0.99).start_step == 3  # always at least one step
-    with pytest.raises(ValueError, match="warm_start must be in"):
+    with pytest.raises(ValueError, match="warm_start must be a number >= 0 and < 1"):
         make_inferer("dbpp", warm_start=1.0)
     with pytest.raises(ValueError, match="warm_start_method"):
         make_inferer("dbpp", warm_start=0.5, warm_start_method="magic")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("steps", "abc", "steps must be an integer >= 1, got 'abc'"),
+        ("steps", 0, "steps must be an integer >= 1, got 0"),
+        ("eta", "2", "eta must be a number >= 0 and <= 1, got '2'"),
+        ("batch_size", 2.5, "batch_size must be an integer >= 1, got 2.5"),
+        ("seed", -1, "seed must be an integer >= 0, got -1"),
+        ("warm_start", 1, "warm_start must be a number >= 0 and < 1, got 1"),
+    ],
+)
+def test_diffusion_settings_are_read_as_numbers_in_range_naming_the_setting(setting, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_inferer("dbpp", **{setting: value})
+    assert make_inferer("dbpp", steps="7", eta="0.5").steps == 7  # the command line's strings are read

@@ -34,7 +34,7 @@ from bundle.recon.padding import CroppedDataConsistency, centre_crop, working_sh
 from bundle.recon.partitions import make_schedule
 from bundle.precision import resolve_mixed_precision
 from bundle.recon.sampler import ddim_timesteps, sample
-from bundle.settings import as_bool
+from bundle.settings import as_bool, setting_number
 
 __all__ = [
     "METHODS",
@@ -216,22 +216,22 @@ class DiffusionBlendInferer(Inferer):
         super().__init__()
         if data_consistency not in ("cg", "ztv"):
             raise ValueError(f"data_consistency must be 'cg' or 'ztv', got {data_consistency!r}")
-        if not 0.0 <= float(warm_start) < 1.0:
-            raise ValueError(f"warm_start must be in [0, 1), got {warm_start}")
+        warm_start = setting_number("warm_start", warm_start, 0.0, 1.0, open_maximum=True)
         if warm_start_method not in CLASSICAL_METHODS:
             raise ValueError(f"warm_start_method must be one of {list(CLASSICAL_METHODS)}, got {warm_start_method!r}")
         self.schedule = make_schedule(schedule, slab_size, separation)
         self.slab_size = int(slab_size)
-        self.steps = int(steps)
-        self.eta = float(eta)
+        # each setting read as a number in its range, or an error naming it (the command line gives strings)
+        self.steps = setting_number("steps", steps, 1, integer=True)
+        self.eta = setting_number("eta", eta, 0.0, 1.0)
         self.data_consistency = data_consistency
-        self.cg_iterations = int(cg_iterations)
-        self.cg_lambda = float(cg_lambda)
-        self.admm_iterations = int(admm_iterations)
-        self.tv_rho = float(tv_rho)
-        self.tv_lambda = float(tv_lambda)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
+        self.cg_iterations = setting_number("cg_iterations", cg_iterations, 0, integer=True)
+        self.cg_lambda = setting_number("cg_lambda", cg_lambda, 0.0)
+        self.admm_iterations = setting_number("admm_iterations", admm_iterations, 1, integer=True)
+        self.tv_rho = setting_number("tv_rho", tv_rho, 0.0, open_minimum=True)
+        self.tv_lambda = setting_number("tv_lambda", tv_lambda, 0.0)
+        self.batch_size = setting_number("batch_size", batch_size, 1, integer=True)
+        self.seed = setting_number("seed", seed, 0, integer=True)
         self.noise_schedule = noise_schedule if noise_schedule is not None else NoiseSchedule()
         self.alphas_cumprod = _alphas_cumprod(self.noise_schedule)
         self.mixed_precision = mixed_precision
