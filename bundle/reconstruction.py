@@ -47,7 +47,7 @@ from bundle.limits import check_memory, estimate_memory_bytes, memory_limit_byte
 from bundle.metrics import reconstruction_metrics
 from bundle.networks import load_weights
 from bundle.physics import MU_WATER, hu_to_normalized, normalized_to_hu, simulate_sinogram
-from bundle.settings import as_bool, setting_number
+from bundle.settings import as_bool, check_device, setting_number
 from bundle.transforms.layout import from_zhw, to_zhw, voxel_size_zhw
 from bundle.transforms.sinogram import find_sinogram_geometry, load_sinogram
 
@@ -80,22 +80,6 @@ def input_name(path: str | Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def check_device(device: torch.device | str | None) -> torch.device:
-    """The device, refused in one line naming the setting ``device`` when it does not exist here."""
-    try:
-        dev = torch.device("cpu" if device in _NULL else device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {device!r}") from err
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(dev)!r} was requested, but CUDA is not available on this machine; set device to 'cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(dev)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ValueError(f"device {str(dev)!r} is not supported; set device to 'cpu' or 'cuda'")
-    return dev
 
 
 def file_sha256(path: str | Path) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", "", "none", "null"}
 
@@ -70,3 +72,24 @@ def setting_number(
     if maximum is not None and (number > maximum or (open_maximum and number == maximum)):
         raise ValueError(f"{name} must be {rule}, got {value!r}")
     return int(number) if integer else number
+
+
+def check_device(device: torch.device | str | None) -> torch.device:
+    """The device, refused in one line naming the setting ``device`` when it does not exist here.
+
+    ``None`` / empty means the CPU; ``"auto"`` means CUDA when available, else the CPU.
+    """
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device("cpu" if device in (None, "", "null", "None", "none") else device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {device!r}") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} was requested, but CUDA is not available on this machine; set device to 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(dev)!r} is not supported; set device to 'cpu' or 'cuda'")
+    return dev

@@ -12,21 +12,13 @@ import torch
 
 from bundle.networks import SlabDenoiser, load_weights
 from tests.conftest import ROOT, TINY_NETWORK, write_crop
-from tests.test_train_workflow import datalist, train
+from tests.test_train_workflow import datalist, train, work  # noqa: F401  (work: the two-volume training folder fixture)
 
 TINY = {"channels": (8, 16), "attention_levels": (False, True), "norm_num_groups": 8, "num_head_channels": 8}
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    write_crop(tmp_path / "a.nii.gz", xy=32, slices=8)
-    write_crop(tmp_path / "b.nii.gz", xy=28, slices=6)
-    datalist(tmp_path, ["a.nii.gz", "b.nii.gz"])
-    return tmp_path
 
 
 @pytest.mark.slow

@@ -52,6 +52,7 @@ from bundle.limits import GB, ResourceLimitError, check_memory, estimate_memory_
 from bundle.recon.inferers import METHODS
 from bundle.recon.padding import working_shape
 from bundle.reconstruction import input_name, planned_views
+from bundle.settings import check_device
 from bundle.transforms.sinogram import find_sinogram_geometry, geometry_path_for
 
 __all__ = [
@@ -185,20 +186,7 @@ def resolve_device(name: str) -> torch.device:
     Raises:
         ValueError: an unknown name or a CUDA device that this server does not have.
     """
-    if name in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested, but this server has no CUDA device; use 'auto' or 'cpu'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} requested, but this server has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    return device
+    return check_device(name or "auto")
 
 
 def parse_settings(request: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
