@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bundle.io import atomic_path, orthogonal_cuts, save_figure, save_json
+from bundle.io import atomic_path, file_sha256, orthogonal_cuts, save_figure, save_json
 from bundle.limits import check_memory, estimate_memory_bytes, memory_limit_bytes
 from bundle.reconstruction import Reconstruction, input_name, make_geometry, planned_views
 from bundle.recon.inferers import METHODS, make_inferer, method_settings, method_slab_size
@@ -468,16 +468,13 @@ class Evaluation:
         """SHA-256 of a weights file (``kind="weights"``) or of a volume after preprocessing (``"volume"``), cached."""
         key = (kind, str(path))
         if key not in self._digests:
-            sha = hashlib.sha256()
             if kind == "volume":
                 image = np.ascontiguousarray(np.asarray(self.preprocessing({"image": str(path)})["image"], dtype=np.float32))
-                sha.update(repr(image.shape).encode())
+                sha = hashlib.sha256(repr(image.shape).encode())
                 sha.update(image.tobytes())
+                self._digests[key] = sha.hexdigest()
             else:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        sha.update(block)
-            self._digests[key] = sha.hexdigest()
+                self._digests[key] = file_sha256(path)
         return self._digests[key]
 
     def cell_spec(

@@ -6,6 +6,7 @@ place with ``os.replace``, so a failure never leaves a partial file under the fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["atomic_path", "orthogonal_cuts", "save_figure", "save_json", "save_nifti", "save_orthogonal_views"]
+__all__ = ["atomic_path", "file_sha256", "orthogonal_cuts", "save_figure", "save_json", "save_nifti", "save_orthogonal_views"]
 
 
 @contextmanager
@@ -153,3 +154,12 @@ def save_orthogonal_views(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()

@@ -25,7 +25,6 @@ angles in degrees, a volume not in HU) are errors unless ``allow_implausible`` i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from bundle.geometry import Geometry, limited_angle, sparse_view
-from bundle.io import save_json, save_nifti, save_orthogonal_views
+from bundle.io import file_sha256, save_json, save_nifti, save_orthogonal_views
 from bundle.limits import check_memory, estimate_memory_bytes, memory_limit_bytes
 from bundle.metrics import reconstruction_metrics
 from bundle.networks import load_weights
@@ -55,7 +54,6 @@ __all__ = [
     "INPUT_KINDS",
     "Reconstruction",
     "check_device",
-    "file_sha256",
     "input_name",
     "make_geometry",
     "planned_views",
@@ -80,15 +78,6 @@ def input_name(path: str | Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def planned_views(views: int, arc_degrees: float = 180.0, step_degrees: float = 1.0) -> int:

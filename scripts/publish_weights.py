@@ -16,7 +16,6 @@ is written atomically (a temporary file renamed into place) and its sha256 and s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from monai.bundle import ConfigParser
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bundle.io import file_sha256  # noqa: E402
 from bundle.networks import load_weights  # noqa: E402
 
 INFERENCE_CONFIG = ROOT / "configs" / "inference.json"
@@ -98,14 +98,6 @@ def publish(source: Path, target: Path, slab_size: int) -> Path:
     return target
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, metavar="SRC",
@@ -125,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         publish(args.source, target, slab_size)
     except ValueError as err:
         parser.error(str(err))
-    print(f"{args.source} -> {target} (slab_size={slab_size}): sha256 {sha256(target)}, {target.stat().st_size} bytes")
+    print(f"{args.source} -> {target} (slab_size={slab_size}): sha256 {file_sha256(target)}, {target.stat().st_size} bytes")
     return 0
 
 
