@@ -200,7 +200,7 @@ def check_memory(estimate_bytes: int, what: str, limit_bytes: int | None = None)
 
 
 def _geometry_sizes(geometry: Any) -> tuple[tuple[int, int, int], int, int, bool]:
-    """``(vol_shape, n_views, n_det, projector_matrix)`` of a ``bundle.geometry`` object (duck-typed)."""
+    """``(vol_shape, n_views, n_det, projector_matrix)`` of a ``bundle.physics.geometry`` object (duck-typed)."""
     vol_shape = tuple(int(s) for s in geometry.vol_shape)
     n_views = len(geometry.angles)
     det_shape = getattr(geometry, "det_shape", None)
@@ -216,7 +216,7 @@ def check_geometry_size(
     """Refuse a geometry too large to reconstruct, even with the cheapest method, before anything is allocated.
 
     Args:
-        geometry: a ``bundle.geometry`` object.
+        geometry: a ``bundle.physics.geometry`` object.
         method: the method to estimate for (default the cheapest, fbp).
         limit_bytes: the limit; default :func:`memory_limit_bytes`.
         what: how to name the request in the message (default the geometry's sizes).

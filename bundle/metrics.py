@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from bundle.physics import MU_MAX, MU_WATER, hu_to_normalized
+from bundle.physics.simulation import MU_MAX, MU_WATER, hu_to_normalized
 
 __all__ = ["BODY_HU", "ORIENTATIONS", "body_mae_hu", "psnr", "ssim", "reconstruction_metrics"]
 
@@ -79,7 +79,7 @@ def reconstruction_metrics(
 ) -> dict[str, float]:
     """PSNR and SSIM in 3D and per orientation (``psnr_3d``, ``ssim_3d``, ``psnr_axial``, ... ``ssim_sagittal``) and ``mae_body_hu``.
 
-    ``mu_water`` and ``mu_max`` are the intensity scale of the volumes (``bundle.physics``), for the HU error.
+    ``mu_water`` and ``mu_max`` are the intensity scale of the volumes (``bundle.physics.simulation``), for the HU error.
     """
     out = {"psnr_3d": psnr(pred, target), "ssim_3d": ssim(pred, target)}
     out["mae_body_hu"] = body_mae_hu(pred, target, mu_water, mu_max)

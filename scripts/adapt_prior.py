@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bundle.networks import adapt_slab_state_dict, load_weights  # noqa: E402
-from bundle.training import save_state_dict  # noqa: E402
+from bundle.workflows.training import save_state_dict  # noqa: E402
 
 
 def _network_def(**overrides) -> torch.nn.Module:

@@ -45,10 +45,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.evaluation import NFE_COLUMNS, crop_slices, plot_nfe, write_table  # noqa: E402
+from bundle.workflows.evaluation import NFE_COLUMNS, crop_slices, plot_nfe, write_table  # noqa: E402
 from bundle.io import save_json  # noqa: E402
 from bundle.recon.inferers import method_slab_size  # noqa: E402
-from bundle.reconstruction import input_name  # noqa: E402
+from bundle.workflows.inference import input_name  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -116,7 +116,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 def find_volumes(args: argparse.Namespace) -> list[Path]:
     """The benchmark's volumes: shared held-out ones and --datalist ones, restricted or replaced by --volumes."""
-    from bundle.data import load_datalist
+    from bundle.workflows.data import load_datalist
 
     listed: list[Path] = []
     if not args.no_shared:

@@ -32,14 +32,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.geometry import sparse_view  # noqa: E402
+from bundle.physics.geometry import sparse_view  # noqa: E402
 from bundle.metrics import psnr  # noqa: E402
 from bundle.networks import SlabDenoiser, load_weights  # noqa: E402
-from bundle.operators import make_operator  # noqa: E402
-from bundle.physics import hu_to_normalized, simulate_sinogram  # noqa: E402
+from bundle.physics.operators import make_operator  # noqa: E402
+from bundle.physics.simulation import hu_to_normalized, simulate_sinogram  # noqa: E402
 from bundle.precision import cpu_bf16_flags, native_bf16  # noqa: E402
 from bundle.recon.inferers import make_inferer  # noqa: E402
-from bundle.training import SlabDiffusionInferer  # noqa: E402
+from bundle.workflows.training import SlabDiffusionInferer  # noqa: E402
 from bundle.transforms.layout import to_zhw  # noqa: E402
 
 

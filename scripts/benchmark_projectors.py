@@ -19,9 +19,9 @@ import astra
 import numpy as np
 import torch
 
-from bundle.geometry import sparse_view
-from bundle.operators import AstraMatrixOperator
-from bundle.operators.astra_matrix import astra_geometries
+from bundle.physics.geometry import sparse_view
+from bundle.physics.operators import AstraMatrixOperator
+from bundle.physics.operators.astra_matrix import astra_geometries
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:

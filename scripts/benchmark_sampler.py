@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.geometry import sparse_view  # noqa: E402
+from bundle.physics.geometry import sparse_view  # noqa: E402
 from bundle.networks import SlabDenoiser, load_weights  # noqa: E402
-from bundle.operators import make_operator  # noqa: E402
-from bundle.physics import simulate_sinogram  # noqa: E402
+from bundle.physics.operators import make_operator  # noqa: E402
+from bundle.physics.simulation import simulate_sinogram  # noqa: E402
 from bundle.recon.inferers import DiffusionBlendInferer  # noqa: E402
 
 

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from bundle.data import load_datalist
-from bundle.geometry import sparse_view
+from bundle.workflows.data import load_datalist
+from bundle.physics.geometry import sparse_view
 from bundle.metrics import reconstruction_metrics
 from bundle.networks import load_weights
-from bundle.operators import make_operator
+from bundle.physics.operators import make_operator
 from bundle.recon.inferers import make_inferer
 from bundle.transforms.layout import to_zhw
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.evaluation import TABLE_COLUMNS, profile_point
+from bundle.workflows.evaluation import TABLE_COLUMNS, profile_point
 from bundle.networks import SlabDenoiser
 from tests.conftest import ROOT, write_crop
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.geometry import limited_angle, sparse_view
-from bundle.operators import make_operator
-from bundle.physics import hu_to_normalized
+from bundle.physics.geometry import limited_angle, sparse_view
+from bundle.physics.operators import make_operator
+from bundle.physics.simulation import hu_to_normalized
 from bundle.recon.classical import (
     FILTERS,
     CGLSInferer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundle.operators.base import LinearOperator
+from bundle.physics.operators.base import LinearOperator
 from bundle.recon.data_consistency import ConjugateGradientDC, ZTVDataConsistency, z_diff, z_diff_adjoint
 
 

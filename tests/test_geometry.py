@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bundle.geometry import (
+from bundle.physics.geometry import (
     ConeBeamGeometry,
     FanBeamGeometry,
     ParallelBeamGeometry,

@@ -128,8 +128,8 @@ def test_warm_start_from_the_command_line(data, tmp_path):
 
 
 def test_sinogram_input(data, tmp_path):
-    from bundle.geometry import sparse_view
-    from bundle.operators import make_operator
+    from bundle.physics.geometry import sparse_view
+    from bundle.physics.operators import make_operator
 
     geometry = sparse_view(6, (5, 16, 16), (3.0, 3.0, 3.0))
     x = torch.zeros(geometry.vol_shape)
@@ -143,7 +143,7 @@ def test_sinogram_input(data, tmp_path):
 
 
 def test_sinogram_geometry_mismatch_names_the_files(data, tmp_path):
-    from bundle.geometry import sparse_view
+    from bundle.physics.geometry import sparse_view
 
     sparse_view(6, (5, 16, 16), (3.0, 3.0, 3.0)).to_json(tmp_path / "scan.json")
     np.save(tmp_path / "scan.npy", np.zeros((5, 7, 23), dtype=np.float32))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle.geometry import sparse_view
+from bundle.physics.geometry import sparse_view
 from bundle.networks import SlabDenoiser
-from bundle.operators import make_operator
+from bundle.physics.operators import make_operator
 from bundle.recon.inferers import (
     METHODS,
     DiffusionBlendInferer,

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.geometry import sparse_view
+from bundle.physics.geometry import sparse_view
 from bundle.networks import SlabDenoiser
-from bundle.operators import make_operator
-from bundle.reconstruction import Reconstruction
+from bundle.physics.operators import make_operator
+from bundle.workflows.inference import Reconstruction
 from bundle.transforms.sinogram import find_sinogram_geometry, save_sinogram
 from tests.conftest import ROOT, TINY_NETWORK, subprocess_env, write_crop
 

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bundle.geometry import load_json, sparse_view
+from bundle.physics.geometry import load_json, sparse_view
 from bundle.limits import (
     GB,
     MEMORY_LIMIT_ENV,

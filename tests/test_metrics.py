@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bundle.metrics import body_mae_hu, psnr, reconstruction_metrics, ssim
-from bundle.physics import MU_MAX, MU_WATER, hu_to_normalized
+from bundle.physics.simulation import MU_MAX, MU_WATER, hu_to_normalized
 
 
 def _volume(shape=(8, 16, 12), seed=0):

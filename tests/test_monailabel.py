@@ -36,10 +36,10 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.geometry import sparse_view
+from bundle.physics.geometry import sparse_view
 from bundle.metrics import psnr
-from bundle.operators import make_operator
-from bundle.physics import MU_WATER, hu_to_normalized, simulate_sinogram
+from bundle.physics.operators import make_operator
+from bundle.physics.simulation import MU_WATER, hu_to_normalized, simulate_sinogram
 from bundle.transforms.sinogram import save_sinogram
 
 pytestmark = [pytest.mark.slow, pytest.mark.label]

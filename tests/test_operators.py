@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.geometry import limited_angle, sparse_view
-from bundle.operators import AstraMatrixOperator, available_backends, make_operator
-from bundle.operators.astra_matrix import astra_geometries
-from bundle.operators.base import adjoint_error
+from bundle.physics.geometry import limited_angle, sparse_view
+from bundle.physics.operators import AstraMatrixOperator, available_backends, make_operator
+from bundle.physics.operators.astra_matrix import astra_geometries
+from bundle.physics.operators.base import adjoint_error
 
 TOL = {"astra-matrix": 1e-5, "astra-cuda": 5e-2, "tomosipo": 5e-2}
 SHAPE = (3, 24, 20)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundle.geometry import sparse_view
+from bundle.physics.geometry import sparse_view
 from bundle.networks import SlabDenoiser
-from bundle.operators import make_operator
+from bundle.physics.operators import make_operator
 from bundle.recon.data_consistency import ConjugateGradientDC
 from bundle.recon.inferers import make_inferer
 from bundle.recon.padding import CroppedDataConsistency, centre_crop, working_shape

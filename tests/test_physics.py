@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.geometry import sparse_view
-from bundle.operators import make_operator
-from bundle.physics import MU_MAX, MU_WATER, hu_to_normalized, normalized_to_hu, simulate_sinogram
+from bundle.physics.geometry import sparse_view
+from bundle.physics.operators import make_operator
+from bundle.physics.simulation import MU_MAX, MU_WATER, hu_to_normalized, normalized_to_hu, simulate_sinogram
 
 
 def test_hu_conversion_values_and_round_trip():

@@ -8,12 +8,12 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from bundle.geometry import sparse_view
+from bundle.physics.geometry import sparse_view
 from bundle.networks import SlabDenoiser
-from bundle.operators import make_operator
+from bundle.physics.operators import make_operator
 from bundle.precision import autocast, cpu_bf16_flags, native_bf16, resolve_mixed_precision
 from bundle.recon.inferers import make_inferer
-from bundle.training import SlabDiffusionInferer
+from bundle.workflows.training import SlabDiffusionInferer
 
 TINY = {"channels": (8, 16), "attention_levels": (False, True), "norm_num_groups": 8, "num_head_channels": 8}
 

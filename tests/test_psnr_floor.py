@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bundle.metrics import psnr
-from bundle.physics import hu_to_normalized
+from bundle.physics.simulation import hu_to_normalized
 from tests.conftest import ROOT, write_crop
 from tests.test_input_checks import bundle_run, ok
 

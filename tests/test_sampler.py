@@ -123,8 +123,8 @@ def test_counts_network_evaluations():
 
 def test_data_consistency_makes_the_volume_fit_the_measurements():
     """With a Gaussian prior (analytic eps) and CG data consistency, the result fits y = A x far better than without."""
-    from bundle.geometry import sparse_view
-    from bundle.operators import make_operator
+    from bundle.physics.geometry import sparse_view
+    from bundle.physics.operators import make_operator
     from bundle.recon.data_consistency import ConjugateGradientDC
 
     geometry = sparse_view(8, (5, 16, 16), (3.0, 3.0, 3.0))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from bundle.geometry import sparse_view
-from bundle.operators import make_operator
+from bundle.physics.geometry import sparse_view
+from bundle.physics.operators import make_operator
 from bundle.transforms.layout import from_zhw, to_zhw, voxel_size_zhw
 from bundle.transforms.sinogram import LoadSinogramd, SimulateSinogramd, load_sinogram, save_sinogram
 

@@ -9,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged
 
-from bundle.data import RandomStates, SlabDataset, load_datalist
+from bundle.workflows.data import RandomStates, SlabDataset, load_datalist
 from bundle.transforms import RandSlabd, ValidateVolumed, slab_span
 from tests.conftest import write_crop
 

@@ -47,11 +47,11 @@ from fastapi import HTTPException
 from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from bundle.geometry import load_json, sparse_view
+from bundle.physics.geometry import load_json, sparse_view
 from bundle.limits import GB, ResourceLimitError, check_memory, estimate_memory_bytes, memory_limit_bytes
 from bundle.recon.inferers import METHODS
 from bundle.recon.padding import working_shape
-from bundle.reconstruction import input_name, planned_views
+from bundle.workflows.inference import input_name, planned_views
 from bundle.settings import check_device
 from bundle.transforms.sinogram import find_sinogram_geometry, geometry_path_for
 

@@ -1,7 +1,7 @@
 """Classical reconstructions: FBP, SIRT, CGLS and 3D-TV (ADMM), as functions and MONAI Inferers.
 
 All functions take a sinogram of ``A.range_shape`` and an operator from
-:func:`bundle.operators.make_operator` (or a geometry, for which one is built) and return a
+:func:`bundle.physics.operators.make_operator` (or a geometry, for which one is built) and return a
 ``(Z, H, W)`` volume in the sinogram's units (normalised attenuation for normalised
 sinograms). They run without autograd.
 """
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
-from bundle.geometry import FanBeamGeometry, ParallelBeamGeometry
-from bundle.operators import AstraMatrixOperator, LinearOperator, make_operator
-from bundle.operators.astra_matrix import astra_geometries, slice_matrix
-from bundle.operators.base import check_tensor
+from bundle.physics.geometry import FanBeamGeometry, ParallelBeamGeometry
+from bundle.physics.operators import AstraMatrixOperator, LinearOperator, make_operator
+from bundle.physics.operators.astra_matrix import astra_geometries, slice_matrix
+from bundle.physics.operators.base import check_tensor
 from bundle.recon.cg import cg
 
 __all__ = [

@@ -17,7 +17,7 @@ __all__ = ["LinearOperatorLike", "ConjugateGradientDC", "ZTVDataConsistency", "z
 
 
 class LinearOperatorLike(Protocol):
-    """What data consistency needs of a projector (``bundle.operators.LinearOperator``)."""
+    """What data consistency needs of a projector (``bundle.physics.operators.LinearOperator``)."""
 
     T: LinearOperatorLike
 

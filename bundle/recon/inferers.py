@@ -288,7 +288,7 @@ class DiffusionBlendInferer(Inferer):
         Args:
             inputs: the measurements ``y`` (the operator's range shape).
             network: the denoiser ``network(x_t, t, separation) -> eps`` with ``slab_size`` channels.
-            operator: the projector ``A`` (``bundle.operators``).
+            operator: the projector ``A`` (``bundle.physics.operators``).
             seed: overrides the constructor's seed (e.g. for several samples).
 
         The network runs on the operator's domain padded in-plane to a multiple of its

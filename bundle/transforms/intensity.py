@@ -8,7 +8,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from bundle.physics import MU_WATER, hu_to_normalized
+from bundle.physics.simulation import MU_WATER, hu_to_normalized
 from bundle.settings import as_bool
 
 __all__ = ["HUToNormalizedd", "ValidateVolumed", "check_hu"]

@@ -2,7 +2,7 @@
 
 A sinogram always travels with its geometry (docs/architecture.md): in a data dictionary,
 ``sinogram`` holds a float32 tensor of ``geometry.sino_shape`` (``(Z, n_views, n_det)`` for
-slice stacks) and ``geometry`` the :mod:`bundle.geometry` object. On disk, a sinogram is a
+slice stacks) and ``geometry`` the :mod:`bundle.physics.geometry` object. On disk, a sinogram is a
 ``.npy`` or ``.nii``/``.nii.gz`` array in that same order (the NIfTI data array is taken as
 is) next to its geometry JSON (:func:`save_sinogram` writes both).
 """
@@ -18,9 +18,9 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-from bundle.geometry import Geometry, check_angles, limited_angle, load_json, sparse_view
-from bundle.operators import make_operator
-from bundle.physics import MU_MAX, check_line_integrals, simulate_sinogram
+from bundle.physics.geometry import Geometry, check_angles, limited_angle, load_json, sparse_view
+from bundle.physics.operators import make_operator
+from bundle.physics.simulation import MU_MAX, check_line_integrals, simulate_sinogram
 from bundle.settings import as_bool
 from bundle.transforms.layout import to_zhw, voxel_size_zhw
 
@@ -138,7 +138,7 @@ def load_sinogram(
         geometry_path: geometry JSON; default :func:`geometry_path_for` ``(path)``.
         allow_implausible: accept line integrals that are negative or too large for the field of
             view (``bundle.physics.check_line_integrals``) and angles outside [0, 2 pi] or in
-            degrees (``bundle.geometry.check_angles``).
+            degrees (``bundle.physics.geometry.check_angles``).
         limit_bytes: memory limit of the size guard; default ``bundle.limits.memory_limit_bytes()``.
 
     Raises:
@@ -200,7 +200,7 @@ class SimulateSinogramd(Randomizable, MapTransform):
         electronic_noise: electronic noise standard deviation in counts.
         mu_max: attenuation (1/mm) of normalised value 1.
         voxel_size: ``(dz, dy, dx)`` in mm, overriding the image's spacing.
-        backend: projector backend for :func:`bundle.operators.make_operator`.
+        backend: projector backend for :func:`bundle.physics.operators.make_operator`.
         geometry_kwargs: extra factory arguments (``det_count``, ``source_origin``, ...).
         allow_missing_keys: skip a missing key.
     """

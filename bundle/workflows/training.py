@@ -96,12 +96,31 @@ class SlabDiffusionInferer(DiffusionInferer):
         mixed_precision: bf16 autocast of the network's forward pass (``"auto"``, true or false,
             ``bundle.precision``); the prediction is returned in fp32, so the loss and the
             gradients' accumulation stay fp32 (bf16 needs no gradient scaler).
+        min_snr_gamma: min-SNR-gamma loss weighting (Hang et al., ICCV 2023): each sample's
+            squared error is weighted by ``min(SNR_t, gamma) / SNR_t`` with
+            ``SNR_t = abar_t / (1 - abar_t)``, which lowers the weight of the nearly clean
+            timesteps; ``0`` (default) is the plain eps MSE. The trainer's loss is MONAI's
+            ``MSELoss(prediction, noise)``, so the weight is applied to the residual: the
+            returned prediction is ``noise + sqrt(w_t) (eps_theta - noise)``, whose MSE against
+            the noise is the weighted loss exactly (the engine's ``pred`` output is that
+            weighted prediction, not the network's eps, when weighting is on).
     """
 
-    def __init__(self, scheduler: Any, mixed_precision: bool | str = "auto") -> None:
+    def __init__(self, scheduler: Any, mixed_precision: bool | str = "auto", min_snr_gamma: float = 0.0) -> None:
         super().__init__(scheduler)
         self.mixed_precision = mixed_precision
         resolve_mixed_precision(mixed_precision, "cpu")  # an invalid value fails at start-up
+        if not float(min_snr_gamma) >= 0.0:
+            raise ValueError(f"min_snr_gamma {min_snr_gamma!r}: must be a number >= 0 (0 turns the weighting off)")
+        self.min_snr_gamma = float(min_snr_gamma)
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The per-sample min-SNR-gamma weights ``min(SNR_t, gamma) / SNR_t`` (ones when weighting is off)."""
+        if self.min_snr_gamma == 0.0:
+            return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+        abar = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = abar / (1.0 - abar)
+        return torch.clamp(snr, max=self.min_snr_gamma) / snr
 
     def __call__(  # type: ignore[override]
         self,
@@ -114,7 +133,11 @@ class SlabDiffusionInferer(DiffusionInferer):
         noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
         with autocast(inputs.device, resolve_mixed_precision(self.mixed_precision, inputs.device)):
             prediction = diffusion_model(noisy, timesteps, condition)
-        return prediction.float()
+        prediction = prediction.float()
+        if self.min_snr_gamma == 0.0:
+            return prediction
+        scale = self.loss_weights(timesteps).sqrt().view(-1, *([1] * (prediction.ndim - 1)))
+        return noise + scale * (prediction - noise)
 
 
 class StopAfterIterations:

@@ -1,6 +1,6 @@
 """ASTRA's 2D CPU projector exported once as a sparse matrix and applied with torch sparse matmul.
 
-The slice projector of a parallel- or fan-beam :mod:`bundle.geometry` is exported with
+The slice projector of a parallel- or fan-beam :mod:`bundle.physics.geometry` is exported with
 ``astra.projector.matrix`` / ``astra.matrix.get`` (scipy CSR, rows ``n_views * det_count`` in
 view-major order, columns ``H * W`` row-major), converted to torch sparse CSR tensors (the
 matrix and its explicit transpose), and applied to all ``Z`` slices at once as one sparse
@@ -22,8 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bundle.geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
-from bundle.operators.base import LinearOperator
+from bundle.physics.geometry import FanBeamGeometry, Geometry, ParallelBeamGeometry
+from bundle.physics.operators.base import LinearOperator
 
 __all__ = ["AstraMatrixOperator", "astra_geometries", "PROJECTORS", "slice_matrix", "tiled_forward_matrix", "tile_order"]
 

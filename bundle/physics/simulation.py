@@ -15,7 +15,7 @@ from typing import Optional, TypeVar
 import numpy as np
 import torch
 
-from bundle.operators.base import LinearOperator, check_tensor
+from bundle.physics.operators.base import LinearOperator, check_tensor
 
 __all__ = ["MU_WATER", "MU_MAX", "check_line_integrals", "hu_to_normalized", "normalized_to_hu", "simulate_sinogram"]
 

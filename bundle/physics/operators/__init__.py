@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from bundle.geometry import ConeBeamGeometry, FanBeamGeometry, Geometry, ParallelBeamGeometry
-from bundle.operators.astra_cuda import AstraCudaOperator, cuda_available
-from bundle.operators.astra_matrix import AstraMatrixOperator
-from bundle.operators.base import LinearOperator, adjoint_error, check_tensor
-from bundle.operators.tomosipo import TomosipoOperator, tomosipo_available
+from bundle.physics.geometry import ConeBeamGeometry, FanBeamGeometry, Geometry, ParallelBeamGeometry
+from bundle.physics.operators.astra_cuda import AstraCudaOperator, cuda_available
+from bundle.physics.operators.astra_matrix import AstraMatrixOperator
+from bundle.physics.operators.base import LinearOperator, adjoint_error, check_tensor
+from bundle.physics.operators.tomosipo import TomosipoOperator, tomosipo_available
 
 __all__ = [
     "BACKENDS",
@@ -62,7 +62,7 @@ def make_operator(
     CUDA), and ``astra-cuda`` (then ``tomosipo``) for cone beam.
 
     Args:
-        geometry: a :mod:`bundle.geometry` object.
+        geometry: a :mod:`bundle.physics.geometry` object.
         backend: ``"auto"``, ``"astra-matrix"``, ``"astra-cuda"`` or ``"tomosipo"``.
         device: device of the tensors the operator takes; default CPU (``astra-matrix``) or
             the current CUDA device (``astra-cuda``, ``tomosipo``).
@@ -72,7 +72,7 @@ def make_operator(
         ValueError: unknown backend, or one that is unavailable here or for this geometry.
     """
     if not isinstance(geometry, (ParallelBeamGeometry, FanBeamGeometry, ConeBeamGeometry)):
-        raise TypeError(f"geometry must be a bundle.geometry object, got {type(geometry).__name__}")
+        raise TypeError(f"geometry must be a bundle.physics.geometry object, got {type(geometry).__name__}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     if backend == "auto":

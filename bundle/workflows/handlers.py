@@ -10,11 +10,11 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from bundle.geometry import limited_angle, sparse_view
+from bundle.physics.geometry import limited_angle, sparse_view
 from bundle.metrics import reconstruction_metrics
-from bundle.operators import make_operator
+from bundle.physics.operators import make_operator
 from bundle.recon.inferers import DiffusionBlendInferer
-from bundle.training import save_state_dict
+from bundle.workflows.training import save_state_dict
 from bundle.transforms.layout import to_zhw
 
 __all__ = ["SparseViewValidation"]
@@ -44,7 +44,7 @@ class SparseViewValidation:
         interval: epochs between validations (0: never).
         metric_name: where the PSNR goes in ``engine.state.metrics``.
         key: the image key of ``volumes``.
-        backend: projector backend (``bundle.operators.make_operator``).
+        backend: projector backend (``bundle.physics.operators.make_operator``).
         best_path: where the best weights go (``None``: not kept).
     """
 

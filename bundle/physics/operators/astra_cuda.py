@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bundle.geometry import ConeBeamGeometry, Geometry, ParallelBeamGeometry
-from bundle.operators.base import LinearOperator
+from bundle.physics.geometry import ConeBeamGeometry, Geometry, ParallelBeamGeometry
+from bundle.physics.operators.base import LinearOperator
 
 __all__ = ["AstraCudaOperator", "cuda_available"]
 

@@ -11,9 +11,9 @@ import importlib.util
 import numpy as np
 import torch
 
-from bundle.geometry import ConeBeamGeometry, Geometry, ParallelBeamGeometry
-from bundle.operators.astra_cuda import cuda_available
-from bundle.operators.base import LinearOperator
+from bundle.physics.geometry import ConeBeamGeometry, Geometry, ParallelBeamGeometry
+from bundle.physics.operators.astra_cuda import cuda_available
+from bundle.physics.operators.base import LinearOperator
 
 __all__ = ["TomosipoOperator", "tomosipo_available"]
 

@@ -40,12 +40,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from bundle.geometry import Geometry, limited_angle, sparse_view
+from bundle.physics.geometry import Geometry, limited_angle, sparse_view
 from bundle.io import file_sha256, save_json, save_nifti, save_orthogonal_views
 from bundle.limits import check_memory, estimate_memory_bytes, memory_limit_bytes
 from bundle.metrics import reconstruction_metrics
 from bundle.networks import load_weights
-from bundle.physics import MU_WATER, hu_to_normalized, normalized_to_hu, simulate_sinogram
+from bundle.physics.simulation import MU_WATER, hu_to_normalized, normalized_to_hu, simulate_sinogram
 from bundle.settings import as_bool, check_device, setting_number
 from bundle.transforms.layout import from_zhw, to_zhw, voxel_size_zhw
 from bundle.transforms.sinogram import find_sinogram_geometry, load_sinogram
@@ -311,7 +311,7 @@ class Reconstruction:
 
     def operator(self, geometry: Geometry) -> Any:
         """The projector of ``geometry`` on this workflow's device and backend."""
-        from bundle.operators import make_operator
+        from bundle.physics.operators import make_operator
 
         return make_operator(geometry, backend=self.backend, device=self.device)
 

@@ -2,7 +2,7 @@
 
 Driven by ``configs/evaluate.json`` (merged over ``configs/inference.json``, whose
 preprocessing and networks it reuses) and by ``scripts/benchmark.py``. Each cell is one
-:class:`bundle.reconstruction.Reconstruction` run writing its own outputs under
+:class:`bundle.workflows.inference.Reconstruction` run writing its own outputs under
 ``output_dir/<volume>/<setting>/<method>[_<variant>]/``.
 
 A method is a name of :func:`bundle.recon.inferers.make_inferer` or a *variant*: a mapping
@@ -41,7 +41,7 @@ import torch
 
 from bundle.io import atomic_path, file_sha256, orthogonal_cuts, save_figure, save_json
 from bundle.limits import check_memory, estimate_memory_bytes, memory_limit_bytes
-from bundle.reconstruction import Reconstruction, input_name, make_geometry, planned_views
+from bundle.workflows.inference import Reconstruction, input_name, make_geometry, planned_views
 from bundle.recon.inferers import METHODS, make_inferer, method_settings, method_slab_size
 from bundle.settings import as_bool
 
