@@ -38,6 +38,7 @@ from bundle.networks import SlabDenoiser, load_weights  # noqa: E402
 from bundle.physics.operators import make_operator  # noqa: E402
 from bundle.physics.simulation import simulate_sinogram  # noqa: E402
 from bundle.recon.inferers import DiffusionBlendInferer  # noqa: E402
+from bundle.workflows.profiling import CountedNetwork, Profile  # noqa: E402
 
 
 def _trim_heap() -> None:
@@ -59,7 +60,7 @@ def _network(device: torch.device, ckpt: Path | None) -> SlabDenoiser:
 
 
 def measure(depth: int, size: int, steps: int, batch_size: int, device: torch.device, network: SlabDenoiser) -> dict:
-    """One reconstruction of a random ``(depth, size, size)`` phantom; the inferer's stats plus sizes."""
+    """One reconstruction of a random ``(depth, size, size)`` phantom; its cost (``bundle.workflows.profiling``) plus sizes."""
     geometry = sparse_view(8, (depth, size, size), (3.0, 3.0, 3.0))
     operator = make_operator(geometry, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -69,8 +70,10 @@ def measure(depth: int, size: int, steps: int, batch_size: int, device: torch.de
     del x
     inferer = DiffusionBlendInferer(steps=steps, batch_size=batch_size, seed=0, progress=False)
     _trim_heap()
-    inferer(y, network, operator)
-    stats = dict(inferer.stats)
+    counted = CountedNetwork(network)
+    with Profile(device, counted) as profile:
+        inferer(y, counted, operator)
+    stats = profile.stats()
     stats["volume_mb"] = depth * size * size * 4 / 2**20
     stats["depth"] = depth
     return stats

@@ -35,6 +35,8 @@ from bundle.metrics import reconstruction_metrics
 from bundle.networks import load_weights
 from bundle.physics.operators import make_operator
 from bundle.recon.inferers import make_inferer
+from bundle.recon.posterior import draw_samples
+from bundle.workflows.profiling import Profile
 from bundle.transforms.layout import to_zhw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,13 +109,10 @@ def main() -> None:
         y = operator(x)
         for method, settings, samples in runs:
             inferer = make_inferer(method, seed=args.seed, **settings)
-            recon, seconds, nfe = torch.zeros_like(x), 0.0, 0
-            for i in range(samples):
-                recon += inferer(y, network, operator, seed=args.seed + i)
-                stats = getattr(inferer, "stats", {})
-                seconds += stats.get("seconds", float("nan"))
-                nfe += stats.get("nfe", 0)
-            recon /= samples
+            prior = network if inferer.slab_size is not None else None
+            with Profile(y.device) as profile:
+                posterior = draw_samples(inferer, y, prior, operator, range(args.seed, args.seed + samples))
+            recon, seconds, nfe = posterior.mean, profile.seconds, posterior.nfe
             changed = {k: v for k, v in settings.items() if base.get(k) != v} if method not in ("fbp", "tv") else settings
             row = {"volume": Path(item["image"]).name, "slices": x.shape[0], "method": method, "samples": samples}
             row["settings"] = json.dumps(changed) if changed else "base"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bundle.physics.geometry import limited_angle, sparse_view
-from bundle.physics.operators import make_operator
+from bundle.physics.operators import LinearOperator, make_operator
 from bundle.physics.simulation import hu_to_normalized
 from bundle.recon.classical import (
     FILTERS,
@@ -117,14 +117,40 @@ def test_tv_beats_fbp_on_sample_8_views(beam):
 
 
 def test_inferers_keep_leading_dims_and_accept_geometry():
+    """The call convention of every method: ``inferer(sinogram, network, operator, seed)``; no network for these."""
     x = _phantom(24)
     g = limited_angle(120, 10, x.shape, (1.0, 1.0, 1.0))
     A = make_operator(g)
     y = A(x)
     for inferer in (FBPInferer("shepp-logan"), SIRTInferer(5), CGLSInferer(5), TVInferer(n_iter=3)):
-        out = inferer(y[None, None], A)
+        out = inferer(y[None, None], None, A)
         assert out.shape == (1, 1) + x.shape
-        torch.testing.assert_close(inferer(y, g), out[0, 0])
+        torch.testing.assert_close(inferer(y, None, g, seed=7), out[0, 0])  # a geometry works; the seed changes nothing
+        assert inferer.slab_size is None and inferer.nfe == 0 and inferer.precision("cpu") == "fp32"
+        assert inferer.working_shape(A) == x.shape
+    assert repr(SIRTInferer(5)) == "SIRTInferer(n_iter=5, nonnegative=True)"
+
+
+def test_fan_fbp_uses_the_operators_weighted_backprojection():
+    """The backend's weights live in the operator: fan FBP refuses an operator without its weighted back-projection."""
+    x = _phantom(24)
+    A = make_operator(sparse_view(90, x.shape, (1.0, 1.5, 1.5), beam="fan"))
+
+    class Wrapped(LinearOperator):  # the same A and A.T, without the fan-beam weights
+        def __init__(self):
+            super().__init__(A.domain_shape, A.range_shape)
+            self.geometry = A.geometry
+
+        def _apply(self, v):
+            return A(v)
+
+        def _apply_adjoint(self, v):
+            return A.T(v)
+
+    with pytest.raises(ValueError, match="fan-beam fbp needs an operator with the distance-weighted back-projection"):
+        fbp(A(x), Wrapped())
+    r = fbp(A(x), A)
+    assert abs(float(r[0][x[0] == 0.5].mean()) - 0.5) < 0.03
 
 
 def test_bad_input():
@@ -138,8 +164,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         tv_reconstruct(bad, A)
     with pytest.raises(ValueError, match="leading dims"):
-        FBPInferer()(torch.stack([y, y]), A)
+        FBPInferer()(torch.stack([y, y]), None, A)
     with pytest.raises(ValueError, match="window"):
         FBPInferer("butterworth")
     with pytest.raises(TypeError):
-        FBPInferer()(y, "parallel")
+        FBPInferer()(y, None, "parallel")
+    with pytest.raises(TypeError, match="operator"):  # the operator is no longer taken in the network's place
+        FBPInferer()(y, A)

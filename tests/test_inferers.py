@@ -1,4 +1,4 @@
-"""Methods behind one switch: make_inferer, the diffusion inferer's checks, counts and determinism."""
+"""Methods behind one switch: make_inferer, the diffusion inferer wired from objects, its checks, counts and determinism."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ from monai.bundle import ConfigParser
 from bundle.physics.geometry import sparse_view
 from bundle.networks import SlabDenoiser
 from bundle.physics.operators import make_operator
+from bundle.recon.data_consistency import ConjugateGradientDC, ZTVDataConsistency
 from bundle.recon.inferers import (
     METHODS,
     DiffusionBlendInferer,
-    PeakMemory,
     accepted_settings,
     check_settings,
     make_inferer,
     method_slab_size,
 )
+from bundle.recon.noise_schedule import NoiseSchedule
 from bundle.recon.partitions import DiffusionBlendPPSchedule, ShiftedSchedule, SliceSchedule
+from bundle.workflows.profiling import CountedNetwork
 
 TINY = {"channels": (8, 16), "attention_levels": (False, False), "norm_num_groups": 8, "num_head_channels": 8}
 
@@ -39,7 +41,9 @@ def test_switch():
     assert isinstance(make_inferer().schedule, DiffusionBlendPPSchedule)
     assert isinstance(make_inferer("db").schedule, ShiftedSchedule)
     assert isinstance(make_inferer("dds2d", slab_size=3).schedule, SliceSchedule)
-    assert make_inferer("mbir").data_consistency == "ztv"
+    assert make_inferer("mbir").data_consistency.func is ZTVDataConsistency
+    assert make_inferer("dbpp", cg_iterations=2).data_consistency.keywords == {"iterations": 2, "lam": 0.0}
+    assert [make_inferer(m).method for m in METHODS] == list(METHODS)
     assert [method_slab_size(m) for m in ("dbpp", "dds2d", "fbp")] == [3, 1, None]
     with pytest.raises(ValueError, match="unknown reconstruction method 'magic'"):
         make_inferer("magic")
@@ -47,7 +51,7 @@ def test_switch():
 
 def test_settings_of_another_method_are_allowed_unknown_ones_raise():
     """One set of settings drives every method; a name that no method takes (a typo) is an error, never a no-op."""
-    assert make_inferer("sirt", steps=3, n_iter=4).inner.n_iter == 4  # steps: a diffusion setting, ignored by SIRT
+    assert make_inferer("sirt", steps=3, n_iter=4).n_iter == 4  # steps: a diffusion setting, ignored by SIRT
     assert make_inferer("dbpp", steps=3, n_iter=4, lam=1e-3).steps == 3  # n_iter, lam: classical settings
     with pytest.raises(ValueError, match=r"unknown reconstruction setting 'cg_lamda'.*did you mean 'cg_lambda'\?"):
         make_inferer("dbpp", cg_lamda=0.1)
@@ -76,15 +80,42 @@ def test_configs_pass_only_known_settings(root, config):
 def test_diffusion_inferer_counts_and_is_deterministic(problem):
     operator, y = problem
     torch.manual_seed(0)
-    network = SlabDenoiser(slab_size=3, **TINY)
+    network = CountedNetwork(SlabDenoiser(slab_size=3, **TINY))  # what the workflow passes: it counts, the inferer does not
     inferer = make_inferer("dbpp", steps=3, batch_size=2, seed=5)
     first = inferer(y, network, operator)
-    stats = inferer.stats
     assert first.shape == (5, 16, 16) and 0 <= float(first.min()) and float(first.max()) <= 1
-    assert stats["nfe"] == 3 and stats["network_calls"] >= 3 and stats["slab_evaluations"] >= 3 * 2
-    assert 0 < stats["network_share"] <= 1 and stats["peak_memory_mb"] > 0
+    assert inferer.nfe == 3 and network.calls >= 3 and network.slabs >= 3 * 2 and network.seconds > 0
+    assert inferer.working_shape(operator, network) == (5, 16, 16) and inferer.precision("cpu") in ("fp32", "bf16")
     torch.testing.assert_close(inferer(y, network, operator), first, rtol=0, atol=0)
     assert not torch.equal(inferer(y, network, operator, seed=6), first)
+    assert not hasattr(inferer, "stats")  # the cost is measured around the call (bundle.workflows.profiling)
+
+
+def test_diffusion_inferer_is_wired_from_objects_in_a_config(problem):
+    """A partition schedule, a data-consistency factory (``"_mode_": "callable"``, a partial) and the noise schedule: the same as make_inferer's."""
+    operator, y = problem
+    parser = ConfigParser(
+        {
+            "inferer": {
+                "_target_": "bundle.recon.inferers.DiffusionBlendInferer",
+                "schedule": {"_target_": "bundle.recon.partitions.ShiftedSchedule", "slab_size": 3},
+                "data_consistency": {"_target_": "bundle.recon.data_consistency.ConjugateGradientDC", "_mode_": "callable", "iterations": 2},
+                "noise_schedule": {"_target_": "bundle.recon.noise_schedule.NoiseSchedule", "num_train_timesteps": 500},
+                "steps": 3,
+                "batch_size": 4,
+                "seed": 2,
+                "method": "db",
+            }
+        }
+    )
+    wired = parser.get_parsed_content("inferer")
+    switched = make_inferer("db", steps=3, batch_size=4, seed=2, cg_iterations=2, noise_schedule=NoiseSchedule(num_train_timesteps=500))
+    assert wired.data_consistency.func is ConjugateGradientDC and len(wired.alphas_cumprod) == 500
+    torch.manual_seed(0)
+    network = SlabDenoiser(slab_size=3, **TINY)
+    torch.testing.assert_close(wired(y, network, operator), switched(y, network, operator), rtol=0, atol=0)
+    assert repr(wired).startswith("DiffusionBlendInferer(method='db', schedule=ShiftedSchedule(slab_size=3)")
+    assert "data_consistency=ConjugateGradientDC(iterations=2)" in repr(wired)
 
 
 def test_diffusion_inferer_checks(problem):
@@ -94,27 +125,21 @@ def test_diffusion_inferer_checks(problem):
         make_inferer("dbpp", steps=2)(y, network_2d, operator)
     with pytest.raises(ValueError, match="sinogram has shape"):
         make_inferer("dds2d", steps=2)(y[:, :-1], network_2d, operator)
-    with pytest.raises(ValueError, match="data_consistency"):
-        DiffusionBlendInferer(data_consistency="magic")
+    with pytest.raises(TypeError, match="schedule must be a partition schedule"):
+        DiffusionBlendInferer(schedule="dbpp")  # objects, not string switches
+    with pytest.raises(TypeError, match="data_consistency must be a factory"):
+        DiffusionBlendInferer(data_consistency="cg")
+    with pytest.raises(ValueError, match=re.escape("steps must be <= num_train_timesteps (200), got 300")):
+        DiffusionBlendInferer(noise_schedule=NoiseSchedule(num_train_timesteps=200), steps=300)
+    with pytest.raises(ValueError, match="warm_start_method must be a classical method"):
+        DiffusionBlendInferer(warm_start_method=make_inferer("dbpp"))
 
 
-def test_classical_inferer_has_stats(problem):
+def test_classical_inferer_follows_the_same_convention(problem):
     operator, y = problem
     inferer = make_inferer("fbp")
-    out = inferer(y, None, operator)
-    assert out.shape == (5, 16, 16) and inferer.stats["nfe"] == 0 and inferer.stats["seconds"] > 0
-
-
-def test_peak_memory_sees_an_allocation():
-    with PeakMemory("cpu", interval=0.001) as memory:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        import time
-
-        time.sleep(0.05)
-    del block
-    assert memory.increase_bytes > 32 * 2**20
+    out = inferer(y, None, operator, seed=3)
+    assert out.shape == (5, 16, 16) and inferer.nfe == 0 and inferer.slab_size is None and inferer.method == "fbp"
 
 
 def test_warm_start_starts_from_the_classical_reconstruction(problem):
@@ -122,16 +147,17 @@ def test_warm_start_starts_from_the_classical_reconstruction(problem):
     operator, y = problem
     torch.manual_seed(0)
     network = SlabDenoiser(slab_size=3, **TINY)
-    cold = make_inferer("dbpp", steps=10, batch_size=8, seed=1)
-    cold(y, network, operator)
+    cold, cold_network = make_inferer("dbpp", steps=10, batch_size=8, seed=1), CountedNetwork(network)
+    cold(y, cold_network, operator)
     warm = make_inferer("dbpp", steps=10, batch_size=8, seed=1, warm_start=0.7, warm_start_method="sirt")
-    out = warm(y, network, operator)
-    assert warm.start_step == 7 and warm.stats["nfe"] == 3 and cold.stats["nfe"] == 10
-    assert warm.stats["slab_evaluations"] == cold.stats["slab_evaluations"] * 3 // 10
+    warm_network = CountedNetwork(network)
+    out = warm(y, warm_network, operator)
+    assert warm.start_step == 7 and warm.nfe == 3 and cold.nfe == 10
+    assert warm_network.slabs == cold_network.slabs * 3 // 10
     assert out.shape == (5, 16, 16) and 0 <= float(out.min()) and float(out.max()) <= 1
 
     # the start volume: sqrt(a_t) (2 sirt - 1) + sqrt(1 - a_t) z on the (here unpadded) working volume
-    sirt = make_inferer("sirt")(y, None, operator).clamp(0, 1)
+    sirt = make_inferer("sirt")(y, None, operator).clamp(0, 1)  # the same call convention as every method
     generator = torch.Generator().manual_seed(1)
     crop = (slice(None),) * 3
     start = warm.start_volume((5, 16, 16), crop, operator, y, generator)

@@ -139,3 +139,19 @@ def test_astra_matrix_on_cuda():
     gpu = make_operator(g, device=torch.device("cuda"))
     x = torch.rand(g.vol_shape)
     torch.testing.assert_close(gpu(x.to(gpu.device)).cpu(), cpu(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fan_backprojection_is_the_distance_weighted_adjoint():
+    """Far from the source every pixel's distance weight U is 1 and the fan angle 0: the weighted back-projection is ``A.T ds / area``."""
+    g = sparse_view(12, (2, 16, 16), (1.0, 1.5, 1.5), beam="fan", source_origin=1e5, origin_det=1e5)
+    op = make_operator(g)
+    q = torch.rand(op.range_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ds = g.det_spacing / 2.0  # the detector bin at the axis (magnification 2)
+    expected = op.T(q.float()).double() * ds / (1.5 * 1.5)
+    torch.testing.assert_close(op.fan_backprojection(q), expected, rtol=1e-3, atol=1e-6)
+    near = make_operator(sparse_view(12, (2, 16, 16), (1.0, 1.5, 1.5), beam="fan", source_origin=40.0, origin_det=40.0))
+    q = torch.rand(near.range_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    unweighted = near.T(q.float()).double() * (near.geometry.det_spacing / 2) / 2.25
+    assert not torch.allclose(near.fan_backprojection(q), unweighted, rtol=1e-2)  # close to the source the weights matter
+    with pytest.raises(ValueError, match="fan-beam geometry"):
+        make_operator(sparse_view(4, (2, 16, 16))).fan_backprojection(torch.zeros(2, 4, 23, dtype=torch.float64))

@@ -71,7 +71,7 @@ def test_diffusion_runs_on_a_grid_the_unet_cannot_take(method):
     recon = inferer(y, network, operator)
     assert recon.shape == (20, 30, 29) and torch.isfinite(recon).all()
     assert 0 <= float(recon.min()) and float(recon.max()) <= 1
-    assert inferer.stats["working_shape"] == (20, 32, 32)
+    assert inferer.working_shape(operator, network) == (20, 32, 32)
     torch.testing.assert_close(inferer(y, network, operator), recon, rtol=0, atol=0)  # seeded
 
 

@@ -78,7 +78,7 @@ def test_bf16_reconstruction_matches_fp32_and_reports_its_precision(problem) -> 
     runs = {}
     for precision in (False, True):
         inferer = make_inferer("dbpp", steps=3, seed=0, batch_size=4, mixed_precision=precision)
-        runs[precision] = (inferer(y, network, operator), inferer.stats["precision"])
+        runs[precision] = (inferer(y, network, operator), inferer.precision(y.device))
     (fp32, p32), (bf16, p16) = runs[False], runs[True]
     assert (p32, p16) == ("fp32", "bf16")
     assert fp32.dtype == bf16.dtype == torch.float32  # the sampler's arithmetic stays fp32

@@ -10,6 +10,9 @@ Three geometries are provided:
   ``(det_rows, n_views, det_cols)`` (ASTRA's 3D order).
 
 Volumes are ``(Z, H, W)`` with voxel size ``(dz, dy, dx)``, centred on the rotation axis.
+A geometry JSON may also record where that volume lies in the world (:class:`SourceGrid`, the
+optional ``"source"`` block: the affine and shape of the CT a sinogram was made from), so that
+a reconstruction from the sinogram can be written on the source CT's grid.
 Equality compares the integer fields exactly and the float fields with a relative tolerance
 of :data:`RTOL`; ``eval(repr(g)) == g`` rebuilds a geometry.
 """
@@ -35,10 +38,15 @@ __all__ = [
     "load_json",
     "from_dict",
     "check_angles",
+    "SourceGrid",
+    "load_source_grid",
 ]
 
 #: Relative tolerance of geometry equality (float fields); absolute floor ``RTOL * 1e-3``.
 RTOL: float = 1e-6
+
+#: Relative tolerance of a source grid's spacing against the geometry's voxel size (NIfTI headers hold float32).
+SPACING_RTOL: float = 1e-4
 
 #: Default source-to-rotation-axis and rotation-axis-to-detector distances (mm) of the fan
 #: and cone factories: typical of clinical scanners (about 595 mm and 490 mm).
@@ -145,9 +153,17 @@ class _GeometryBase:
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
 
-    def to_json(self, path: Union[str, Path]) -> None:
-        """Write :meth:`to_dict` as JSON to ``path``."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+    def to_json(self, path: Union[str, Path], source: "SourceGrid | None" = None) -> None:
+        """Write :meth:`to_dict` as JSON to ``path``, with the ``"source"`` block of ``source`` when given.
+
+        Raises:
+            ValueError: ``source`` is not this geometry's grid (:meth:`SourceGrid.check`).
+        """
+        d = self.to_dict()
+        if source is not None:
+            source.check(self, str(path))
+            d["source"] = source.to_dict()
+        Path(path).write_text(json.dumps(d, indent=1))
 
     def replace(self, **changes: Any) -> "Geometry":
         """Copy with some fields changed (validated again)."""
@@ -266,10 +282,11 @@ _CLASSES: dict[str, type] = {c.kind: c for c in (ParallelBeamGeometry, FanBeamGe
 
 
 def from_dict(d: dict[str, Any]) -> Geometry:
-    """Rebuild a geometry from :meth:`to_dict` output (the ``"beam"`` key selects the class)."""
+    """Rebuild a geometry from :meth:`to_dict` output (the ``"beam"`` key selects the class; a ``"source"`` block is not part of it)."""
     if not isinstance(d, dict) or "beam" not in d:
         raise ValueError(f"a geometry dictionary needs a 'beam' key, got {d!r}")
     d = dict(d)
+    d.pop("source", None)  # where the volume lies in the world: read by load_source_grid
     beam = d.pop("beam")
     if beam not in _CLASSES:
         raise ValueError(f"unknown beam {beam!r}; expected one of {sorted(_CLASSES)}")
@@ -335,6 +352,110 @@ def check_angles(geometry: Geometry, source: str) -> None:
             f"geometry {source}: the angles are whole numbers ({', '.join(f'{a:g}' for a in angles[:4])}, ...): "
             f"they look like degrees; angles are in radians ({override})"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceGrid:
+    """Where the volume of a geometry lies in the world: the NIfTI affine and shape of the CT a sinogram was made from.
+
+    The geometry JSON's optional ``"source"`` block (``{"affine": 4 x 4, "shape": [X, Y, Z],
+    "spacing": [dx, dy, dz]}``). The affine maps voxel indices ``(i, j, k)`` of the volume in
+    NIfTI order ``(X, Y, Z)`` (``bundle.transforms.from_zhw``: the ``(Z, H, W)`` volume's
+    ``[k, j, i]``) to RAS world coordinates in mm, as a NIfTI file's affine or a MONAI
+    MetaTensor's ``affine`` does. It describes the geometry's own grid: ``shape`` is
+    ``vol_shape`` reversed and ``spacing`` (the affine's column lengths) ``voxel_size``
+    reversed, so a reconstruction on that grid is written with this affine and overlays the CT.
+    A CT resampled before the sinogram was simulated is recorded by the resampled volume's affine.
+
+    Args:
+        affine: the 4 x 4 affine, any array-like (numpy, torch, nested lists): last row
+            ``0 0 0 1``, an invertible 3 x 3 part.
+        shape: ``(X, Y, Z)``.
+    """
+
+    affine: tuple[tuple[float, ...], ...]
+    shape: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        try:
+            a = np.asarray(self.affine, dtype=np.float64)
+        except (TypeError, ValueError):
+            a = np.full(1, np.nan)
+        if a.shape != (4, 4) or not np.isfinite(a).all():
+            raise ValueError(f"source affine must be a finite 4 x 4 matrix, got {self.affine!r}")
+        if not np.allclose(a[3], [0.0, 0.0, 0.0, 1.0]):
+            raise ValueError(f"source affine's last row must be [0, 0, 0, 1], got {a[3].tolist()}")
+        if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+            raise ValueError("source affine is singular (a voxel of zero volume)")
+        object.__setattr__(self, "affine", tuple(tuple(float(v) for v in row) for row in a))
+        object.__setattr__(self, "shape", _int_tuple("source shape", self.shape, 3))
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing ``(dx, dy, dz)`` in mm: the lengths of the affine's first three columns."""
+        norms = np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
+        return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+    def check(self, geometry: "Geometry", source: str) -> None:
+        """Refuse a grid that is not the geometry's: shape ``vol_shape`` reversed, spacing ``voxel_size`` reversed.
+
+        Raises:
+            ValueError: naming ``source`` (the JSON file) and both grids.
+        """
+        grid, spacing = tuple(geometry.vol_shape[::-1]), tuple(geometry.voxel_size[::-1])
+        if self.shape != grid or not np.allclose(self.spacing, spacing, rtol=SPACING_RTOL, atol=0.0):
+            raise ValueError(
+                f"{source}: the source grid (shape {list(self.shape)}, spacing {[round(v, 6) for v in self.spacing]}) "
+                f"is not the geometry's grid (vol_shape {list(geometry.vol_shape)} reversed: {list(grid)}, "
+                f"voxel_size reversed: {list(spacing)}); record the affine of the volume the sinogram was made from"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``"source"`` block: ``affine``, ``shape`` and (for readers) ``spacing``."""
+        return {"affine": [list(row) for row in self.affine], "shape": list(self.shape), "spacing": list(self.spacing)}
+
+    @staticmethod
+    def from_dict(d: Any) -> "SourceGrid":
+        """Read a ``"source"`` block; a ``spacing`` in it must equal the affine's column lengths.
+
+        Raises:
+            ValueError: a block that is not an object with ``affine`` and ``shape``, or fields that disagree.
+        """
+        if not isinstance(d, dict) or not {"affine", "shape"} <= set(d):
+            raise ValueError(f"a source block needs 'affine' and 'shape' (and optionally 'spacing'), got {d!r}")
+        extra = set(d) - {"affine", "shape", "spacing"}
+        if extra:
+            raise ValueError(f"source block: unknown fields {sorted(extra)}")
+        grid = SourceGrid(d["affine"], d["shape"])
+        if "spacing" in d:
+            spacing = _float_tuple("source spacing", d["spacing"], 3)
+            if not np.allclose(spacing, grid.spacing, rtol=SPACING_RTOL, atol=0.0):
+                raise ValueError(
+                    f"source spacing {list(spacing)} differs from the affine's column lengths "
+                    f"{[round(v, 6) for v in grid.spacing]}"
+                )
+        return grid
+
+
+def load_source_grid(path: Union[str, Path]) -> SourceGrid | None:
+    """The ``"source"`` block of a geometry JSON, checked against its geometry; None when the JSON has none.
+
+    Raises:
+        ValueError: an invalid block or one that is not the geometry's grid, naming the file.
+    """
+    try:
+        d = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(d, dict) or "source" not in d:
+        return None
+    try:
+        grid = SourceGrid.from_dict(d["source"])
+        geometry = from_dict(d)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    grid.check(geometry, str(path))
+    return grid
 
 
 for _cls in _CLASSES.values():

@@ -8,22 +8,21 @@ sinograms). They run without autograd.
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 import torch
-from monai.inferers import Inferer
 
 from bundle.physics.geometry import FanBeamGeometry, ParallelBeamGeometry
-from bundle.physics.operators import AstraMatrixOperator, LinearOperator, make_operator
-from bundle.physics.operators.astra_matrix import astra_geometries, slice_matrix
+from bundle.physics.operators import LinearOperator, make_operator
 from bundle.physics.operators.base import check_tensor
 from bundle.recon.cg import cg
+from bundle.recon.method import ReconstructionMethod
 
 __all__ = [
     "FILTERS",
+    "FanBackprojector",
     "ramp_filter",
     "fbp",
     "sirt",
@@ -41,6 +40,17 @@ __all__ = [
 FILTERS: tuple[str, ...] = ("ram-lak", "shepp-logan", "cosine", "hann")
 
 OperatorOrGeometry = Union[LinearOperator, ParallelBeamGeometry, FanBeamGeometry]
+
+
+@runtime_checkable
+class FanBackprojector(Protocol):
+    """What fan-beam FBP needs of an operator besides ``A.T``: its distance-weighted back-projection.
+
+    The weights depend on how the backend discretises the rays, so the operator provides them
+    (``bundle.physics.operators.AstraMatrixOperator.fan_backprojection``).
+    """
+
+    def fan_backprojection(self, q: torch.Tensor) -> torch.Tensor: ...
 
 
 def _as_operator(A: OperatorOrGeometry, device: torch.device) -> LinearOperator:
@@ -104,49 +114,6 @@ def _angular_weight(angles: Sequence[float], period: float) -> float:
     return float(np.median(np.diff(a)))
 
 
-@functools.lru_cache(maxsize=4)
-def _fan_backprojector(geometry: FanBeamGeometry, projector: str) -> torch.Tensor:
-    """``M^T`` of the fan-beam slice matrix with the distance weight of fan-beam FBP folded in (CSR, float64).
-
-    Entry ``(pixel j, ray i)`` becomes ``M_ij cos(gamma_i) ds / (area U_b(j))``, where
-    ``U_b(j)`` is pixel ``j``'s distance from the source along the central ray of view ``b``
-    over the source-axis distance, ``gamma_i`` the ray's fan angle and ``ds`` the detector
-    bin at the axis: then ``M^T`` sums ``U^-2 Q`` over the views, as the equispaced fan-beam
-    FBP formula needs (Kak and Slaney 1988, section 3.4.2).
-    """
-    import astra
-
-    _, mt = slice_matrix(geometry, projector)
-    _, h, w = geometry.vol_shape
-    _, dy, dx = geometry.voxel_size
-    d_src = geometry.source_origin
-    mag = (geometry.source_origin + geometry.origin_det) / d_src
-    ds = geometry.det_spacing / mag
-    n_det = geometry.det_count
-    # ASTRA's source position and detector centre per view
-    _, proj_geom = astra_geometries(geometry)
-    vec = astra.geom_2vec(proj_geom)["Vectors"]  # (srcX, srcY, dX, dY, uX, uY)
-    src = vec[:, 0:2]
-    axis = vec[:, 2:4] - src
-    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
-    # pixel centres: columns along +x, rows along -y (row 0 at the top, ASTRA's image order)
-    xs = (np.arange(w) - (w - 1) / 2) * dx
-    ys = -(np.arange(h) - (h - 1) / 2) * dy
-    px = np.broadcast_to(xs[None, :], (h, w)).reshape(-1)
-    py = np.broadcast_to(ys[:, None], (h, w)).reshape(-1)
-    u = ((px[None, :] - src[:, 0:1]) * axis[:, 0:1] + (py[None, :] - src[:, 1:2]) * axis[:, 1:2]) / d_src
-    s = (np.arange(n_det) - (n_det - 1) / 2) * ds
-    cos_gamma = d_src / np.sqrt(d_src**2 + s**2)
-    crow = mt.crow_indices().long()
-    col = mt.col_indices().long().numpy()
-    row = torch.repeat_interleave(torch.arange(mt.shape[0]), crow[1:] - crow[:-1]).numpy()
-    view, bin_ = col // n_det, col % n_det
-    vals = mt.values().double().numpy() * cos_gamma[bin_] * ds / (dx * dy * u[view, row])
-    return torch.sparse_csr_tensor(
-        crow, torch.from_numpy(col), torch.from_numpy(vals), size=mt.shape, check_invariants=False
-    )
-
-
 def fbp(
     sinogram: torch.Tensor,
     A: OperatorOrGeometry,
@@ -159,7 +126,7 @@ def fbp(
     own adjoint (ASTRA's linear/strip projector sums ``a / ds`` per pixel and view, ``a`` the
     pixel area). Fan (flat detector, full 360-degree scans; short scans would need Parker
     weights): cosine pre-weighting, ramp filter at the axis, and the ``U^-2`` distance-weighted
-    back-projection of ASTRA's fan matrix (fan-beam FBP needs an ``astra-matrix`` operator).
+    back-projection that the operator provides (:class:`FanBackprojector`; the ``astra-matrix`` backend).
 
     Args:
         sinogram: ``(Z, n_views, n_det)`` normalised sinogram.
@@ -179,19 +146,26 @@ def fbp(
             q = _filter_rows(sinogram, resp).to(sinogram.dtype)
             dtheta = _angular_weight(geometry.angles, math.pi)
             return op.T(q) * (dtheta * geometry.det_spacing / (dx * dy))
-        if not isinstance(op, AstraMatrixOperator):
-            raise ValueError("fan-beam fbp needs an astra-matrix operator")
+        if not isinstance(op, FanBackprojector):
+            raise ValueError(
+                f"fan-beam fbp needs an operator with the distance-weighted back-projection (backend astra-matrix), "
+                f"got {type(op).__name__}"
+            )
         mag = (geometry.source_origin + geometry.origin_det) / geometry.source_origin
         ds = geometry.det_spacing / mag
         s = (torch.arange(geometry.det_count, dtype=torch.float64) - (geometry.det_count - 1) / 2) * ds
         pre = geometry.source_origin / torch.sqrt(geometry.source_origin**2 + s**2)
         resp = ramp_filter(geometry.det_count, ds, filter_name, cutoff)
         q = _filter_rows(sinogram.double() * pre.to(sinogram.device), resp)
-        bp = _fan_backprojector(geometry, op.projector).to(sinogram.device)
-        z, v, d = op.range_shape
-        out = torch.sparse.mm(bp, q.reshape(z, v * d).T.contiguous()).T.reshape(op.domain_shape)
+        out = op.fan_backprojection(q)
         dbeta = _angular_weight(geometry.angles, 2 * math.pi)
         return (0.5 * dbeta * out).to(sinogram.dtype)
+
+
+def _fbp_applies(op: LinearOperator) -> bool:
+    """Whether :func:`fbp` reconstructs with ``op``: a parallel slice stack, or a fan one with the weighted back-projection."""
+    geometry = getattr(op, "geometry", None)
+    return isinstance(geometry, ParallelBeamGeometry) or (isinstance(geometry, FanBeamGeometry) and isinstance(op, FanBackprojector))
 
 
 def sirt(
@@ -315,7 +289,7 @@ def tv_reconstruct(
     with torch.no_grad():
         if x0 is None:
             geometry = getattr(op, "geometry", None)
-            x = fbp(sinogram, op, "hann") if isinstance(geometry, (ParallelBeamGeometry, FanBeamGeometry)) and isinstance(op, AstraMatrixOperator) else torch.zeros(op.domain_shape, dtype=sinogram.dtype, device=sinogram.device)
+            x = fbp(sinogram, op, "hann") if _fbp_applies(op) else torch.zeros(op.domain_shape, dtype=sinogram.dtype, device=sinogram.device)
         else:
             x = x0.clone()
         if nonnegative:
@@ -356,37 +330,50 @@ def _split_leading(sinogram: torch.Tensor, range_shape: tuple[int, ...]) -> tupl
     return sinogram.reshape(range_shape), lead
 
 
-class _ClassicalInferer(Inferer):
-    """``inferer(sinogram, operator_or_geometry) -> volume``; leading singleton dims (batch, channel) are kept."""
+class _ClassicalInferer(ReconstructionMethod):
+    """A classical method under the call convention of every method (:class:`ReconstructionMethod`); no network, no randomness.
+
+    The sinogram may carry leading singleton dims (batch, channel); the volume keeps them.
+    """
 
     def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, inputs: torch.Tensor, network: OperatorOrGeometry, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: object, operator: OperatorOrGeometry, seed: int | None = None
+    ) -> torch.Tensor:
         """Reconstruct.
 
         Args:
             inputs: sinogram of the operator's ``range_shape``, optionally with leading
                 singleton dims (e.g. ``(1, 1, Z, n_views, n_det)``).
-            network: the operator (``make_operator(geometry)``) or the geometry itself.
+            network: not used (``None``): classical methods have no prior.
+            operator: the operator (``make_operator(geometry)``) or the geometry itself.
+            seed: not used: classical methods are deterministic.
 
         Returns:
             ``(Z, H, W)`` volume with the same leading singleton dims as ``inputs``.
         """
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(f"inputs must be a torch.Tensor sinogram, got {type(inputs).__name__}")
-        op = _as_operator(network, inputs.device)
+        op = _as_operator(operator, inputs.device)
         sino, lead = _split_leading(inputs, op.range_shape)
         return self._reconstruct(sino.contiguous(), op).reshape(lead + op.domain_shape)
 
+    def __repr__(self) -> str:
+        settings = getattr(self, "kwargs", None) or {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
+
 
 class FBPInferer(_ClassicalInferer):
-    """Filtered back-projection as a MONAI Inferer (see :func:`fbp`).
+    """Filtered back-projection as a MONAI Inferer (see :func:`fbp`): ``inferer(sinogram, None, operator)``.
 
     Args:
         filter_name: ramp window, one of :data:`FILTERS`.
         cutoff: frequency cutoff as a fraction of Nyquist.
     """
+
+    method = "fbp"
 
     def __init__(self, filter_name: str = "ram-lak", cutoff: float = 1.0) -> None:
         super().__init__()
@@ -405,6 +392,8 @@ class SIRTInferer(_ClassicalInferer):
         nonnegative: enforce ``x >= 0``.
     """
 
+    method = "sirt"
+
     def __init__(self, n_iter: int = 100, nonnegative: bool = True) -> None:
         super().__init__()
         self.n_iter, self.nonnegative = n_iter, nonnegative
@@ -421,6 +410,8 @@ class CGLSInferer(_ClassicalInferer):
         damping: Tikhonov weight.
     """
 
+    method = "cgls"
+
     def __init__(self, n_iter: int = 30, damping: float = 0.0) -> None:
         super().__init__()
         self.n_iter, self.damping = n_iter, damping
@@ -431,6 +422,8 @@ class CGLSInferer(_ClassicalInferer):
 
 class TVInferer(_ClassicalInferer):
     """3D-TV ADMM reconstruction as a MONAI Inferer (see :func:`tv_reconstruct` for the arguments)."""
+
+    method = "tv"
 
     def __init__(
         self,

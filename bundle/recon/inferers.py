@@ -1,11 +1,14 @@
-"""Reconstruction methods as MONAI ``Inferer``s behind one switch: :func:`make_inferer`.
+"""Reconstruction methods as MONAI ``Inferer``s, and :func:`make_inferer`, the one switch of the command line.
 
-Every inferer is called as ``inferer(measurements, network, operator)`` and returns the
-reconstructed image ``(Z, H, W)`` in normalised attenuation ([0, 1] for the diffusion
-methods). After a call, ``inferer.stats`` holds the run's cost: seconds, network evaluations
-and peak memory.
+Every method follows one call convention (:class:`bundle.recon.method.ReconstructionMethod`):
+``inferer(measurements, network, operator, seed=None)`` returns the reconstructed image
+``(Z, H, W)`` in normalised attenuation ([0, 1] for the diffusion methods); classical methods
+take ``network=None``. Nothing is timed or measured here: a workflow measures the call
+(``bundle.workflows.profiling``).
 
-Methods (``METHODS``):
+:class:`DiffusionBlendInferer` is wired from objects (a partition schedule, a data-consistency
+factory, the noise schedule); :func:`make_inferer` builds it, or a classical inferer, from the
+command line's flat settings. Methods (:data:`METHODS`):
 
 - ``dbpp``: DiffusionBlend++, shifted and interleaved partitions alternating (the default).
 - ``db``: DiffusionBlend, shifted adjacent partitions.
@@ -18,36 +21,38 @@ Methods (``METHODS``):
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
-import os
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from monai.inferers import Inferer
 
+from bundle.precision import resolve_mixed_precision
+from bundle.recon.classical import FBPInferer, SIRTInferer, TVInferer
 from bundle.recon.data_consistency import ConjugateGradientDC, ZTVDataConsistency
+from bundle.recon.method import ReconstructionMethod
 from bundle.recon.noise_schedule import NoiseSchedule
 from bundle.recon.padding import CroppedDataConsistency, centre_crop, working_shape
-from bundle.recon.partitions import make_schedule
-from bundle.precision import resolve_mixed_precision
+from bundle.recon.partitions import DiffusionBlendPPSchedule, PartitionSchedule, make_schedule
 from bundle.recon.sampler import ddim_timesteps, sample
 from bundle.settings import as_bool, setting_number
 
 __all__ = [
     "METHODS",
+    "CLASSICAL_METHODS",
     "DIFFUSION_METHODS",
+    "DataConsistencyFactory",
     "DiffusionBlendInferer",
-    "PeakMemory",
     "accepted_settings",
     "check_settings",
+    "diffusion_inferer",
     "make_inferer",
     "method_settings",
     "method_slab_size",
 ]
 
+#: What each diffusion method fixes: its partition schedule, and for the 2D ones the slab size and data consistency.
 DIFFUSION_METHODS: dict[str, dict[str, Any]] = {
     "dbpp": {"schedule": "dbpp"},
     "db": {"schedule": "shifted"},
@@ -55,89 +60,12 @@ DIFFUSION_METHODS: dict[str, dict[str, Any]] = {
     "dds2d": {"schedule": "2d", "slab_size": 1},
     "mbir": {"schedule": "2d", "slab_size": 1, "data_consistency": "ztv"},
 }
-CLASSICAL_METHODS: dict[str, str] = {"fbp": "FBPInferer", "sirt": "SIRTInferer", "tv": "TVInferer"}
+CLASSICAL_METHODS: dict[str, type[ReconstructionMethod]] = {"fbp": FBPInferer, "sirt": SIRTInferer, "tv": TVInferer}
 METHODS: tuple[str, ...] = (*DIFFUSION_METHODS, *CLASSICAL_METHODS)
 
-
-def _rss_bytes() -> int:
-    """Resident memory of this process (Linux ``/proc``; elsewhere the peak from ``resource``)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-class PeakMemory:
-    """Peak memory while a block runs: CUDA allocator peak on a CUDA device, sampled process RSS on CPU.
-
-    Attributes (after the block): ``baseline_bytes`` (before), ``peak_bytes`` (the highest
-    seen), ``increase_bytes`` (peak - baseline), ``kind`` (``"cuda_allocated"`` or ``"cpu_rss"``).
-
-    Args:
-        device: the device the work runs on.
-        interval: seconds between RSS samples on CPU.
-    """
-
-    def __init__(self, device: torch.device | str | None = None, interval: float = 0.002) -> None:
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.interval = interval
-        self.kind = "cuda_allocated" if self.device.type == "cuda" else "cpu_rss"
-        self.baseline_bytes = self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def increase_bytes(self) -> int:
-        return max(0, self.peak_bytes - self.baseline_bytes)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
-
-    def __enter__(self) -> PeakMemory:
-        if self.kind == "cuda_allocated":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline_bytes = self.peak_bytes = torch.cuda.memory_allocated(self.device)
-        else:
-            self.baseline_bytes = self.peak_bytes = _rss_bytes()
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._watch, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.kind == "cuda_allocated":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
-
-
-class _CountedDenoiser:
-    """Wraps a network into the denoiser contract and counts its calls, slabs and time."""
-
-    def __init__(self, network: Callable[..., torch.Tensor]) -> None:
-        self.network = network
-        self.calls = 0
-        self.slabs = 0
-        self.seconds = 0.0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, separation: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        out = self.network(x, t, separation)
-        if out.device.type == "cuda":
-            torch.cuda.synchronize(out.device)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        self.slabs += x.shape[0]
-        return out
+#: ``factory(operator, measurements) -> data_consistency``, e.g. ``functools.partial(ConjugateGradientDC, iterations=5)``
+#: (in a config: ``{"_target_": "bundle.recon.data_consistency.ConjugateGradientDC", "_mode_": "callable", ...}``).
+DataConsistencyFactory = Callable[[Any, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
 
 def _alphas_cumprod(noise_schedule: Any) -> torch.Tensor:
@@ -155,97 +83,97 @@ def _alphas_cumprod(noise_schedule: Any) -> torch.Tensor:
     return alphas_cumprod.detach().clone()
 
 
-class DiffusionBlendInferer(Inferer):
+def _describe(factory: Callable[..., Any]) -> str:
+    """``ConjugateGradientDC(iterations=5, lam=0.0)`` for a partial, else the callable's name."""
+    if isinstance(factory, functools.partial):
+        args = [repr(a) for a in factory.args] + [f"{k}={v!r}" for k, v in factory.keywords.items()]
+        return f"{getattr(factory.func, '__name__', repr(factory.func))}({', '.join(args)})"
+    return getattr(factory, "__name__", repr(factory))
+
+
+class DiffusionBlendInferer(ReconstructionMethod):
     """Reconstruct with a slab diffusion prior: DiffusionBlend(++), DDS-2D or the DiffusionMBIR-style baseline.
 
     Args:
-        schedule: partition schedule: ``"dbpp"``, ``"shifted"``, ``"fixed"``, ``"interleaved"``, ``"2d"``.
-        slab_size: k of the prior (1 for the 2D baselines).
-        separation: s of the interleaved (jump) steps.
-        steps: DDIM steps.
-        eta: DDIM stochasticity.
-        data_consistency: ``"cg"`` (CG on the normal equations, DDS) or ``"ztv"`` (z-TV ADMM).
-        cg_iterations: CG iterations per step (per ADMM pass for ``"ztv"``).
-        cg_lambda: proximal weight of ``"cg"``, relative to ``||A||^2`` (0: plain DDS).
-        admm_iterations: ADMM passes per step for ``"ztv"``.
-        tv_rho: ADMM penalty of ``"ztv"``, relative to ``||A||^2``.
-        tv_lambda: z-TV weight of ``"ztv"``, relative to ``||A||^2``.
-        batch_size: slabs per network call.
-        seed: seed of the start noise, the re-noising and the random partition offsets.
-        noise_schedule: the prior's training noise schedule (a ``NoiseSchedule``, or any
-            scheduler with ``alphas_cumprod`` such as MONAI's ``DDPMScheduler``). The bundle
-            defines it once, in ``configs/inference.json`` ``noise_schedule``; ``None`` takes
-            ``NoiseSchedule()`` (T = 1000, linear betas 1e-4 .. 0.02: the shipped priors').
-        mixed_precision: bf16 autocast of the network: ``"auto"`` (where the device computes
-            bf16 natively, ``bundle.precision``), true or false.
+        schedule: the partition schedule (``bundle.recon.partitions``); its ``slab_size`` is the prior's k.
+            ``None``: DiffusionBlend++ with k = 3 and jump separation 3.
+        data_consistency: ``factory(operator, y) -> step``; ``None``: 5 CG iterations, plain DDS (``ConjugateGradientDC``).
+        noise_schedule: the prior's training schedule (``NoiseSchedule`` or a scheduler with ``alphas_cumprod``),
+            defined once in ``configs/inference.json``; ``None``: ``NoiseSchedule()`` (the shipped priors').
+        steps: DDIM steps (at most the schedule's T). eta: DDIM stochasticity.
+        batch_size: slabs per network call. seed: of the start noise, re-noising and partition offsets.
+        mixed_precision: bf16 autocast of the network (``"auto"``, true, false: ``bundle.precision``).
         progress: show a progress bar.
-        image_size: smallest in-plane size of the working volume (the prior's training size);
-            ``None``: only the network's divisor applies. A smaller or non-divisible operator
-            domain is padded for the prior and cropped for data consistency and the result
-            (``bundle.recon.padding``).
-        warm_start: share of the DDIM steps to skip by starting from a classical
-            reconstruction diffused to the noise level of the first remaining step instead
-            of from pure noise (Chung et al., CVPR 2022, "come closer, diffuse faster"); 0
-            (the default) is the paper's sampler. Network evaluations drop to
-            ``steps - round(warm_start * steps)``.
-        warm_start_method: the classical method of the warm start: ``"fbp"``, ``"sirt"`` or ``"tv"``.
+        image_size: smallest in-plane working size (``bundle.recon.padding``); ``None``: the network's divisor only.
+        warm_start: share of the DDIM steps skipped by starting from ``warm_start_method``'s reconstruction
+            (``None``: SIRT) diffused to the first remaining step (Chung et al., CVPR 2022); 0: the paper's sampler.
+        method: the method's name, recorded in the metrics.
     """
 
     def __init__(
         self,
-        schedule: str = "dbpp",
-        slab_size: int = 3,
-        separation: int = 3,
+        schedule: PartitionSchedule | None = None,
+        data_consistency: DataConsistencyFactory | None = None,
+        noise_schedule: NoiseSchedule | None = None,
         steps: int = 200,
         eta: float = 0.85,
-        data_consistency: str = "cg",
-        cg_iterations: int = 5,
-        cg_lambda: float = 0.0,
-        admm_iterations: int = 1,
-        tv_rho: float = 1e-3,
-        tv_lambda: float = 5e-5,
         batch_size: int = 8,
         seed: int = 0,
-        noise_schedule: NoiseSchedule | None = None,
         mixed_precision: bool | str = "auto",
         progress: bool = False,
         image_size: int | None = None,
         warm_start: float = 0.0,
-        warm_start_method: str = "sirt",
+        warm_start_method: ReconstructionMethod | None = None,
+        method: str = "diffusion",
     ) -> None:
         super().__init__()
-        if data_consistency not in ("cg", "ztv"):
-            raise ValueError(f"data_consistency must be 'cg' or 'ztv', got {data_consistency!r}")
-        warm_start = setting_number("warm_start", warm_start, 0.0, 1.0, open_maximum=True)
-        if warm_start_method not in CLASSICAL_METHODS:
-            raise ValueError(f"warm_start_method must be one of {list(CLASSICAL_METHODS)}, got {warm_start_method!r}")
-        self.schedule = make_schedule(schedule, slab_size, separation)
-        self.slab_size = int(slab_size)
-        # each setting read as a number in its range, or an error naming it (the command line gives strings)
-        self.steps = setting_number("steps", steps, 1, integer=True)
-        self.eta = setting_number("eta", eta, 0.0, 1.0)
-        self.data_consistency = data_consistency
-        self.cg_iterations = setting_number("cg_iterations", cg_iterations, 0, integer=True)
-        self.cg_lambda = setting_number("cg_lambda", cg_lambda, 0.0)
-        self.admm_iterations = setting_number("admm_iterations", admm_iterations, 1, integer=True)
-        self.tv_rho = setting_number("tv_rho", tv_rho, 0.0, open_minimum=True)
-        self.tv_lambda = setting_number("tv_lambda", tv_lambda, 0.0)
-        self.batch_size = setting_number("batch_size", batch_size, 1, integer=True)
-        self.seed = setting_number("seed", seed, 0, integer=True)
+        self.schedule = DiffusionBlendPPSchedule(3, 3) if schedule is None else schedule
+        if not isinstance(self.schedule, PartitionSchedule):
+            raise TypeError(
+                "schedule must be a partition schedule (bundle.recon.partitions, e.g. make_schedule('dbpp', 3, 3)), "
+                f"got {schedule!r}"
+            )
+        self.data_consistency = functools.partial(ConjugateGradientDC) if data_consistency is None else data_consistency
+        if not callable(self.data_consistency):
+            raise TypeError(f"data_consistency must be a factory (operator, measurements) -> step, got {data_consistency!r}")
         self.noise_schedule = noise_schedule if noise_schedule is not None else NoiseSchedule()
         self.alphas_cumprod = _alphas_cumprod(self.noise_schedule)
+        # each setting read as a number in its range, or an error naming it (the command line gives strings)
+        self.steps = setting_number("steps", steps, 1, integer=True)
+        if self.steps > len(self.alphas_cumprod):
+            raise ValueError(f"steps must be <= num_train_timesteps ({len(self.alphas_cumprod)}), got {steps}")
+        self.eta = setting_number("eta", eta, 0.0, 1.0)
+        self.batch_size = setting_number("batch_size", batch_size, 1, integer=True)
+        self.seed = setting_number("seed", seed, 0, integer=True)
         self.mixed_precision = mixed_precision
         resolve_mixed_precision(mixed_precision, "cpu")  # an invalid value fails here, not mid-run
         self.progress = as_bool(progress, "progress")
         self.image_size = int(image_size) if image_size else None
-        self.warm_start = float(warm_start)
-        self.warm_start_method = warm_start_method
-        self.stats: dict[str, Any] = {}
+        self.warm_start = float(setting_number("warm_start", warm_start, 0.0, 1.0, open_maximum=True))
+        self.warm_start_method = SIRTInferer() if warm_start_method is None else warm_start_method
+        if not isinstance(self.warm_start_method, ReconstructionMethod) or self.warm_start_method.slab_size is not None:
+            raise ValueError(f"warm_start_method must be a classical method (fbp, sirt, tv), got {warm_start_method!r}")
+        self.method = str(method)
+        self.slab_size = self.schedule.slab_size
 
     @property
     def start_step(self) -> int:
         """Index of the first DDIM step run (0 without a warm start; never the last step's index + 1)."""
         return min(round(self.warm_start * self.steps), self.steps - 1)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per slab of one reconstruction: the DDIM steps run."""
+        return self.steps - self.start_step
+
+    def working_shape(self, operator: Any, network: Any = None) -> tuple[int, int, int]:
+        """The operator's domain padded in-plane to the network's ``size_divisor`` and to ``image_size``."""
+        domain = tuple(int(s) for s in operator.domain_shape)
+        return working_shape(domain, int(getattr(network, "size_divisor", 1)), self.image_size)
+
+    def precision(self, device: torch.device | str) -> str:
+        """``"bf16"`` where this inferer autocasts the network on ``device``, else ``"fp32"``."""
+        return "bf16" if resolve_mixed_precision(self.mixed_precision, device) else "fp32"
 
     def start_volume(
         self,
@@ -257,184 +185,158 @@ class DiffusionBlendInferer(Inferer):
     ) -> torch.Tensor:
         """``x_T``: standard normal noise, or the warm start diffused to the first step's noise level.
 
-        The warm start reconstructs the operator's domain with ``warm_start_method``, clips it
-        to the prior's range [0, 1], places it in the working volume (air, 0, outside the
-        crop) and mixes it with noise as the forward process does:
+        The warm start is ``warm_start_method``'s reconstruction clipped to [0, 1] in the working
+        volume (air outside the crop), mixed with noise as the forward process does:
         ``sqrt(a_t) (2 x - 1) + sqrt(1 - a_t) z``.
         """
         noise = torch.randn(padded, generator=generator, device=measurements.device)
         if self.start_step == 0:
             return noise
-        classical = make_inferer(self.warm_start_method)
         image = torch.zeros(padded, device=measurements.device)
-        image[crop] = classical(measurements, None, operator).to(image).clamp(0, 1)
+        image[crop] = self.warm_start_method(measurements, None, operator).to(image).clamp(0, 1)
         t = int(ddim_timesteps(self.steps, len(self.alphas_cumprod))[self.start_step])
         a_t = float(self.alphas_cumprod[t])
         return noise.mul_((1 - a_t) ** 0.5).add_(image.mul_(2).sub_(1), alpha=a_t**0.5)
 
-    def make_data_consistency(self, operator: Any, measurements: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The data-consistency callable of this inferer for ``y = measurements``."""
-        if self.data_consistency == "ztv":
-            return ZTVDataConsistency(
-                operator, measurements, self.cg_iterations, self.admm_iterations, self.tv_rho, self.tv_lambda
-            )
-        return ConjugateGradientDC(operator, measurements, self.cg_iterations, self.cg_lambda)
-
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], operator: Any, seed: int | None = None
     ) -> torch.Tensor:
-        """Reconstruct ``(Z, H, W)`` in [0, 1] from the sinogram ``inputs`` measured through ``operator``.
+        """Reconstruct ``(Z, H, W)`` in [0, 1] from ``inputs`` (``y``) through ``operator`` with the denoiser ``network``.
 
-        Args:
-            inputs: the measurements ``y`` (the operator's range shape).
-            network: the denoiser ``network(x_t, t, separation) -> eps`` with ``slab_size`` channels.
-            operator: the projector ``A`` (``bundle.physics.operators``).
-            seed: overrides the constructor's seed (e.g. for several samples).
-
-        The network runs on the operator's domain padded in-plane to a multiple of its
-        ``size_divisor`` (and to at least ``image_size``); data consistency and the returned
-        volume are on the domain itself.
+        ``seed`` overrides the constructor's. The network runs on :meth:`working_shape`; data
+        consistency and the result are on the operator's domain (``bundle.recon.padding``).
 
         Raises:
-            ValueError: the network's slab size differs from the method's, or the sinogram
-                does not fit the operator.
+            ValueError: the network's slab size is not the method's, or the sinogram does not fit the operator.
         """
-        net_k = getattr(network, "slab_size", None)
-        if net_k is not None and int(net_k) != self.slab_size:
-            raise ValueError(
-                f"this method needs a prior of slab_size={self.slab_size}, but the network has slab_size={net_k}"
-            )
-        range_shape = tuple(getattr(operator, "range_shape", inputs.shape))
-        if tuple(inputs.shape) != range_shape:
-            raise ValueError(f"the sinogram has shape {tuple(inputs.shape)}, but the geometry expects {range_shape}")
-        device = inputs.device
-        generator = torch.Generator(device=device).manual_seed(self.seed if seed is None else int(seed))
-        denoiser = _CountedDenoiser(network)
+        _check_inputs(inputs, network, operator, self.slab_size)
+        generator = torch.Generator(device=inputs.device).manual_seed(self.seed if seed is None else int(seed))
+        domain = tuple(int(s) for s in operator.domain_shape)
+        padded = self.working_shape(operator, network)
+        crop = centre_crop(domain, padded)
+        data_consistency = self.data_consistency(operator, inputs.float())
+        if padded != domain:
+            data_consistency = CroppedDataConsistency(data_consistency, crop)
         was_training = getattr(network, "training", False)
         if hasattr(network, "eval"):
             network.eval()
-        domain = tuple(int(s) for s in operator.domain_shape)
-        padded = working_shape(domain, int(getattr(network, "size_divisor", 1)), self.image_size)
-        data_consistency: Callable[[torch.Tensor], torch.Tensor] = self.make_data_consistency(operator, inputs.float())
-        crop = centre_crop(domain, padded)
-        bf16 = resolve_mixed_precision(self.mixed_precision, device)
-        if padded != domain:
-            data_consistency = CroppedDataConsistency(data_consistency, crop)
-        start = time.perf_counter()
         try:
-            with PeakMemory(device) as memory:
-                x_T = self.start_volume(padded, crop, operator, inputs.float(), generator)
-                recon = sample(
-                    denoiser,
-                    x_T,
-                    self.schedule,
-                    data_consistency,
-                    self.alphas_cumprod,
-                    num_steps=self.steps,
-                    eta=self.eta,
-                    batch_size=self.batch_size,
-                    generator=generator,
-                    mixed_precision=bf16,
-                    progress=self.progress,
-                    start_step=self.start_step,
-                )
-                if padded != domain:
-                    recon = recon[crop].contiguous()
+            recon = sample(
+                network,
+                self.start_volume(padded, crop, operator, inputs.float(), generator),
+                self.schedule,
+                data_consistency,
+                self.alphas_cumprod,
+                num_steps=self.steps,
+                eta=self.eta,
+                batch_size=self.batch_size,
+                generator=generator,
+                mixed_precision=self.precision(inputs.device) == "bf16",
+                progress=self.progress,
+                start_step=self.start_step,
+            )
         finally:
             if was_training and hasattr(network, "train"):
                 network.train()
-        seconds = time.perf_counter() - start
-        self.stats = {
-            "seconds": seconds,
-            "nfe": self.steps - self.start_step,
-            "network_calls": denoiser.calls,
-            "slab_evaluations": denoiser.slabs,
-            "network_seconds": denoiser.seconds,
-            "network_share": denoiser.seconds / seconds if seconds > 0 else 0.0,
-            "peak_memory_mb": memory.peak_bytes / 2**20,
-            "peak_memory_increase_mb": memory.increase_bytes / 2**20,
-            "memory_kind": memory.kind,
-            "working_shape": padded,
-            "precision": "bf16" if bf16 else "fp32",
-        }
-        return recon
+        return recon[crop].contiguous() if padded != domain else recon
 
     def __repr__(self) -> str:
         return (
-            f"DiffusionBlendInferer(schedule={self.schedule!r}, steps={self.steps}, eta={self.eta}, "
-            f"data_consistency={self.data_consistency!r}, cg_iterations={self.cg_iterations}, "
+            f"DiffusionBlendInferer(method={self.method!r}, schedule={self.schedule!r}, "
+            f"data_consistency={_describe(self.data_consistency)}, steps={self.steps}, eta={self.eta}, "
             f"warm_start={self.warm_start}, seed={self.seed}, noise_schedule={self.noise_schedule!r})"
         )
 
 
-class _TimedClassical(Inferer):
-    """Adds ``stats`` (seconds, peak memory, no network evaluations) to a classical inferer."""
-
-    slab_size = None
-
-    def __init__(self, inner: Inferer) -> None:
-        super().__init__()
-        self.inner = inner
-        self.stats: dict[str, Any] = {}
-
-    def __call__(self, inputs: torch.Tensor, network: Any = None, operator: Any = None, seed: int | None = None) -> torch.Tensor:  # type: ignore[override]
-        start = time.perf_counter()
-        with PeakMemory(inputs.device) as memory:
-            recon = self.inner(inputs, operator)
-        seconds = time.perf_counter() - start
-        self.stats = {
-            "seconds": seconds,
-            "nfe": 0,
-            "network_calls": 0,
-            "slab_evaluations": 0,
-            "network_seconds": 0.0,
-            "network_share": 0.0,
-            "peak_memory_mb": memory.peak_bytes / 2**20,
-            "peak_memory_increase_mb": memory.increase_bytes / 2**20,
-            "memory_kind": memory.kind,
-        }
-        return recon
-
-    def __repr__(self) -> str:
-        return repr(self.inner)
+def _check_inputs(inputs: torch.Tensor, network: Any, operator: Any, slab_size: int) -> None:
+    """Refuse a network of another slab size and a sinogram that does not fit the operator."""
+    net_k = getattr(network, "slab_size", None)
+    if net_k is not None and int(net_k) != slab_size:
+        raise ValueError(f"this method needs a prior of slab_size={slab_size}, but the network has slab_size={net_k}")
+    range_shape = tuple(getattr(operator, "range_shape", inputs.shape))
+    if tuple(inputs.shape) != range_shape:
+        raise ValueError(f"the sinogram has shape {tuple(inputs.shape)}, but the geometry expects {range_shape}")
 
 
-def _accepted(cls: Callable[..., Any], settings: dict[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(settings)
+def _data_consistency(
+    kind: str, cg_iterations: Any, cg_lambda: Any, admm_iterations: Any, tv_rho: Any, tv_lambda: Any
+) -> DataConsistencyFactory:
+    """The data-consistency factory of a diffusion method from the flat settings, each checked and named."""
+    iterations = setting_number("cg_iterations", cg_iterations, 0, integer=True)
+    if kind == "ztv":
+        return functools.partial(
+            ZTVDataConsistency,
+            iterations=iterations,
+            admm_iterations=setting_number("admm_iterations", admm_iterations, 1, integer=True),
+            rho=setting_number("tv_rho", tv_rho, 0.0, open_minimum=True),
+            lam=setting_number("tv_lambda", tv_lambda, 0.0),
+        )
+    return functools.partial(ConjugateGradientDC, iterations=iterations, lam=setting_number("cg_lambda", cg_lambda, 0.0))
+
+
+def diffusion_inferer(
+    method: str = "dbpp",
+    slab_size: int = 3,
+    separation: int = 3,
+    steps: int = 200,
+    eta: float = 0.85,
+    cg_iterations: int = 5,
+    cg_lambda: float = 0.0,
+    admm_iterations: int = 1,
+    tv_rho: float = 1e-3,
+    tv_lambda: float = 5e-5,
+    batch_size: int = 8,
+    seed: int = 0,
+    noise_schedule: NoiseSchedule | None = None,
+    mixed_precision: bool | str = "auto",
+    progress: bool = False,
+    image_size: int | None = None,
+    warm_start: float = 0.0,
+    warm_start_method: str = "sirt",
+) -> DiffusionBlendInferer:
+    """The diffusion method ``method`` (of :data:`DIFFUSION_METHODS`) from the command line's flat settings.
+
+    The method fixes its partition schedule (and for ``dds2d`` / ``mbir`` the slab size 1 and the
+    data consistency); ``cg_*`` set CG data consistency, ``admm_iterations`` and ``tv_*`` the
+    z-TV one of ``mbir``. The other settings are :class:`DiffusionBlendInferer`'s.
+    """
+    fixed = DIFFUSION_METHODS[method]
+    schedule = make_schedule(fixed["schedule"], int(fixed.get("slab_size", slab_size)), int(separation))
+    kind = fixed.get("data_consistency", "cg")
+    data_consistency = _data_consistency(kind, cg_iterations, cg_lambda, admm_iterations, tv_rho, tv_lambda)
+    if warm_start_method not in CLASSICAL_METHODS:
+        raise ValueError(f"warm_start_method must be one of {list(CLASSICAL_METHODS)}, got {warm_start_method!r}")
+    return DiffusionBlendInferer(
+        schedule, data_consistency, noise_schedule, steps, eta, batch_size, seed, mixed_precision, progress,
+        image_size, warm_start, CLASSICAL_METHODS[warm_start_method](), method=method,
+    )
+
+
+def _builder(method: str) -> Callable[..., ReconstructionMethod]:
+    """What builds ``method`` from settings: its classical inferer class, or :func:`diffusion_inferer` bound to it."""
+    if method not in METHODS:
+        raise ValueError(f"unknown reconstruction method {method!r}; choose one of {list(METHODS)}")
+    if method in CLASSICAL_METHODS:
+        return CLASSICAL_METHODS[method]
+    return functools.partial(diffusion_inferer, method)
+
+
+def _accepted(build: Callable[..., Any], settings: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(build).parameters
     return {k: v for k, v in settings.items() if k in params}
 
 
 def method_slab_size(method: str, slab_size: int = 3) -> int | None:
     """The prior's slab size a method needs: ``slab_size`` for blending methods, 1 for 2D ones, None for classical."""
-    if method not in METHODS:
-        raise ValueError(f"unknown reconstruction method {method!r}; choose one of {list(METHODS)}")
+    _builder(method)  # an unknown method is an error
     if method in CLASSICAL_METHODS:
         return None
     return int(DIFFUSION_METHODS[method].get("slab_size", slab_size))
 
 
-def _method_class(method: str) -> Callable[..., Any]:
-    """The class that reconstructs with ``method``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown reconstruction method {method!r}; choose one of {list(METHODS)}")
-    if method in DIFFUSION_METHODS:
-        return DiffusionBlendInferer
-    from bundle.recon import classical
-
-    return getattr(classical, CLASSICAL_METHODS[method])
-
-
-def accepted_settings() -> frozenset[str] | None:
-    """The setting names that some method takes (``None``: a method takes any keyword)."""
-    names: set[str] = set()
-    for method in METHODS:
-        params = inspect.signature(_method_class(method)).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return None
-        names.update(params)
-    return frozenset(names)
+def accepted_settings() -> frozenset[str]:
+    """The setting names that some method takes."""
+    return frozenset(name for method in METHODS for name in inspect.signature(_builder(method)).parameters)
 
 
 def check_settings(settings: dict[str, Any]) -> None:
@@ -444,8 +346,6 @@ def check_settings(settings: dict[str, Any]) -> None:
         ValueError: naming the setting and the closest accepted name.
     """
     accepted = accepted_settings()
-    if accepted is None:
-        return
     for name in settings:
         if name not in accepted:
             close = difflib.get_close_matches(name, sorted(accepted), n=1)
@@ -454,28 +354,25 @@ def check_settings(settings: dict[str, Any]) -> None:
 
 
 def method_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """The part of ``settings`` that ``method`` takes (with the method's own fixed settings for diffusion methods).
+    """What determines ``method``'s result: the part of ``settings`` it takes, and what the method fixes itself.
 
     Raises:
         ValueError: an unknown method, or a setting that no method takes (:func:`check_settings`).
     """
     check_settings(settings)
-    return _accepted(_method_class(method), {**settings, **DIFFUSION_METHODS.get(method, {})})
+    return {**_accepted(_builder(method), settings), **DIFFUSION_METHODS.get(method, {})}
 
 
-def make_inferer(method: str = "dbpp", **settings: Any) -> Inferer:
-    """The inferer of ``method`` (one of :data:`METHODS`), configured by ``settings``.
+def make_inferer(method: str = "dbpp", **settings: Any) -> ReconstructionMethod:
+    """The inferer of ``method`` (one of :data:`METHODS`), configured by the command line's flat ``settings``.
 
-    A setting that another method takes but this one does not is ignored
-    (:func:`method_settings`), so one set of settings (steps, seed, ...) can drive every
-    method; the method fixes its own schedule and slab size. A setting that no method takes
-    is an error.
+    A setting that another method takes but this one does not is ignored, so one set of
+    settings (steps, seed, ...) can drive every method; the method fixes its own schedule and
+    slab size. A setting that no method takes is an error.
 
     Raises:
         ValueError: an unknown method, or a setting that no method takes.
     """
-    inferer: Inferer = _method_class(method)(**method_settings(method, settings))
-    if method in CLASSICAL_METHODS:
-        inferer = _TimedClassical(inferer)
-    inferer.method = method  # type: ignore[attr-defined]
-    return inferer
+    build = _builder(method)
+    check_settings(settings)
+    return build(**_accepted(build, settings))

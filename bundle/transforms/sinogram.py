@@ -4,7 +4,9 @@ A sinogram always travels with its geometry (docs/architecture.md): in a data di
 ``sinogram`` holds a float32 tensor of ``geometry.sino_shape`` (``(Z, n_views, n_det)`` for
 slice stacks) and ``geometry`` the :mod:`bundle.physics.geometry` object. On disk, a sinogram is a
 ``.npy`` or ``.nii``/``.nii.gz`` array in that same order (the NIfTI data array is taken as
-is) next to its geometry JSON (:func:`save_sinogram` writes both).
+is) next to its geometry JSON (:func:`save_sinogram` writes both). The JSON may record the grid
+of the CT the sinogram was made from (its ``"source"`` block, :class:`bundle.physics.geometry.SourceGrid`):
+:func:`reconstruction_affine` then places a reconstruction on that CT's grid, so that it overlays it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-from bundle.physics.geometry import Geometry, check_angles, limited_angle, load_json, sparse_view
+from bundle.physics.geometry import Geometry, SourceGrid, check_angles, limited_angle, load_json, sparse_view
 from bundle.physics.operators import make_operator
 from bundle.physics.simulation import MU_MAX, check_line_integrals, simulate_sinogram
 from bundle.settings import as_bool
@@ -32,6 +34,8 @@ __all__ = [
     "geometry_path_for",
     "find_sinogram_geometry",
     "is_geometry_json",
+    "source_grid",
+    "reconstruction_affine",
 ]
 
 PathLike = Union[str, Path]
@@ -98,16 +102,67 @@ def find_sinogram_geometry(path: PathLike, geometry_path: Optional[PathLike] = N
     return None
 
 
-def save_sinogram(path: PathLike, sinogram: torch.Tensor | np.ndarray, geometry: Geometry) -> Path:
-    """Write ``sinogram`` (``.npy`` or ``.nii.gz``) and its geometry JSON; returns the JSON path.
+def source_grid(source: Any, geometry: Geometry, what: str = "the source") -> SourceGrid:
+    """The :class:`SourceGrid` of the volume a sinogram of ``geometry`` was made from.
+
+    Args:
+        source: a :class:`SourceGrid`; an image with an ``affine`` (a nibabel image ``(X, Y, Z)``,
+            a MONAI MetaTensor ``(1, X, Y, Z)``), whose shape must be the geometry's grid; or a
+            4 x 4 affine alone (array-like), for the geometry's grid.
+        geometry: the sinogram's geometry.
+        what: how to name the source in a message.
 
     Raises:
-        ValueError: when the shape differs from ``geometry.sino_shape``.
+        ValueError: the source's grid is not the geometry's (shape or spacing), or not an affine.
+    """
+    if isinstance(source, SourceGrid):
+        grid = source
+    elif hasattr(source, "affine"):
+        affine = source.affine.detach().cpu() if isinstance(source.affine, torch.Tensor) else source.affine
+        grid = SourceGrid(affine, tuple(int(n) for n in tuple(source.shape)[-3:]))
+    else:
+        grid = SourceGrid(source.detach().cpu() if isinstance(source, torch.Tensor) else source, geometry.vol_shape[::-1])
+    grid.check(geometry, what)
+    return grid
+
+
+def reconstruction_affine(geometry: Geometry, source: Optional[SourceGrid] = None) -> np.ndarray:
+    """The NIfTI affine of a reconstruction on ``geometry``'s grid (array ``(X, Y, Z)``, :func:`from_zhw`).
+
+    With the sinogram's source grid (``bundle.physics.geometry.load_source_grid``) it is the
+    source CT's affine, so the reconstruction overlays that CT; without it, the grid's voxel size
+    with the volume centred on the origin (the rotation axis).
+    """
+    if source is not None:
+        source.check(geometry, "the source grid")
+        return np.asarray(source.affine, dtype=np.float64)
+    dz, dy, dx = geometry.voxel_size
+    affine = np.diag([dx, dy, dz, 1.0])
+    affine[:3, 3] = -0.5 * (np.array(geometry.vol_shape[::-1]) - 1) * np.array([dx, dy, dz])
+    return affine
+
+
+def save_sinogram(
+    path: PathLike, sinogram: torch.Tensor | np.ndarray, geometry: Geometry, source: Any = None
+) -> Path:
+    """Write ``sinogram`` (``.npy`` or ``.nii.gz``) and its geometry JSON; returns the JSON path.
+
+    Args:
+        path: the sinogram file.
+        sinogram: an array of ``geometry.sino_shape``.
+        geometry: its geometry.
+        source: the CT it was made from, recorded as the JSON's ``"source"`` block so that a
+            reconstruction lies on that CT's grid: anything :func:`source_grid` takes (the CT
+            image itself, a MetaTensor, or its affine); None records none.
+
+    Raises:
+        ValueError: when the shape differs from ``geometry.sino_shape``, or ``source`` is not the geometry's grid.
     """
     arr = sinogram.detach().cpu().numpy() if isinstance(sinogram, torch.Tensor) else np.asarray(sinogram)
     arr = arr.astype(np.float32)
     if tuple(arr.shape) != tuple(geometry.sino_shape):
         raise ValueError(f"sinogram shape {tuple(arr.shape)} does not match the geometry's {geometry.sino_shape}")
+    grid = source_grid(source, geometry, f"the source of sinogram {path}") if source is not None else None
     p = Path(path)
     if p.name.endswith((".nii.gz", ".nii")):
         import nibabel as nib
@@ -118,7 +173,7 @@ def save_sinogram(path: PathLike, sinogram: torch.Tensor | np.ndarray, geometry:
     else:
         raise ValueError(f"{p}: sinogram files are .npy, .nii or .nii.gz")
     gpath = geometry_path_for(p)
-    geometry.to_json(gpath)
+    geometry.to_json(gpath, source=grid)
     return gpath
 
 
