@@ -98,15 +98,16 @@ def test_resumed_training_keeps_model_best_when_validation_is_worse(root: Path, 
     train(root, python, work, max_epochs=1, **validate)
     latest, best = work / "run" / "checkpoints" / "checkpoint_latest.pt", work / "run" / "model_best.pt"
     ckpt = torch.load(latest, weights_only=True)
-    assert 0.0 < ckpt["validation"]["best"] < 100.0  # the PSNR of the first validation, in dB
+    assert 0.0 < ckpt["validation"]["best_metric"] < 100.0  # the PSNR of the first validation, in dB
+    assert ckpt["validation"]["best_metric_epoch"] == 1
 
     # a best PSNR no validation reaches: every later validation is worse
-    ckpt["validation"]["best"] = 1000.0
+    ckpt["validation"]["best_metric"] = 1000.0
     torch.save(ckpt, latest)
     kept = best.read_bytes()
     train(root, python, work, max_epochs=2, **validate)
     assert best.read_bytes() == kept
-    assert torch.load(latest, weights_only=True)["validation"]["best"] == 1000.0
+    assert torch.load(latest, weights_only=True)["validation"] == {"best_metric": 1000.0, "best_metric_epoch": 1}
 
     # a checkpoint written before the validation state was checkpointed still resumes
     ckpt = torch.load(latest, weights_only=True)
@@ -115,7 +116,7 @@ def test_resumed_training_keeps_model_best_when_validation_is_worse(root: Path, 
     resumed = train(root, python, work, max_epochs=3, **validate)
     assert "predates the checkpointing of validation" in resumed.stdout + resumed.stderr
     ckpt = torch.load(latest, weights_only=True)
-    assert ckpt["trainer"]["iteration"] == 6 and 0.0 < ckpt["validation"]["best"] < 100.0
+    assert ckpt["trainer"]["iteration"] == 6 and 0.0 < ckpt["validation"]["best_metric"] < 100.0
     assert best.read_bytes() != kept  # the best PSNR started afresh, so the first validation wrote it
 
 

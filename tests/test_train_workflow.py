@@ -24,17 +24,18 @@ def datalist(folder: Path, names: list[str], validation: list[str] = ()) -> Path
 
 
 def train(root: Path, python: str, work: Path, *, configs: str = "configs/train.json", launcher: list[str] | None = None,
-          check: bool = True, **overrides) -> subprocess.CompletedProcess:
+          check: bool = True, run_id: str | None = "training", **overrides) -> subprocess.CompletedProcess:
     """Run the training workflow on the tiny data in ``work`` with a tiny network.
 
     ``model_path`` keeps its default, ``@output_dir/model.pt``: no run of the tests writes to ``models/``.
+    ``run_id=None`` gives no run id, so monai.bundle runs its default, ``run``.
     """
     settings = {
         "data_root": str(work), "datalist": str(work / "datalist.json"), "output_dir": str(work / "run"),
         "image_size": 32, "batch_size": 4,
         "samples_per_volume": 4, "max_epochs": 1, "warmup_iterations": 1, **TINY_NETWORK, **overrides,
     }
-    cmd = (launcher or [python]) + ["-m", "monai.bundle", "run", "training", "--config_file", configs]
+    cmd = (launcher or [python]) + ["-m", "monai.bundle", "run", *([run_id] if run_id else []), "--config_file", configs]
     for key, value in settings.items():
         cmd += [f"--{key}", repr(value) if not isinstance(value, str) else value]
     proc = subprocess.run(cmd, cwd=root, env=subprocess_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
@@ -51,10 +52,24 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard scalars of a run: ``(step, value)`` by tag, over all its event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
 def test_train_config_validates_and_writes_loadable_weights(root: Path, python: str, work: Path) -> None:
+    """Run with no run id: monai.bundle's default, ``run``, is the training (the zoo's convention, beside ``training``)."""
     write_crop(work / "val.nii.gz", xy=32, slices=5)
     datalist(work, ["a.nii.gz", "b.nii.gz"], validation=["val.nii.gz"])
-    train(root, python, work, val_interval=1, val_steps=2)
+    proc = train(root, python, work, run_id=None, max_epochs=2, val_interval=2, val_steps=2)
     best = torch.load(work / "run" / "model_best.pt", weights_only=True)
     assert set(best) == set(torch.load(work / "run" / "model.pt", weights_only=True))
     net = SlabDenoiser(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
@@ -63,14 +78,26 @@ def test_train_config_validates_and_writes_loadable_weights(root: Path, python: 
     load_weights(net, work / "run" / "model.pt")
     ckpt = torch.load(work / "run" / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
     assert {"network", "ema", "optimizer", "lr_scheduler", "trainer", "random_states", "validation"} <= set(ckpt)
-    assert ckpt["trainer"]["iteration"] == 2
+    assert ckpt["trainer"]["iteration"] == 4
+
+    # validated once, after epoch 2: its PSNR is the checkpointed best, logged with the SSIM and the learning rate
+    logged = scalars(work / "run")
+    assert {"train_loss", "lr", "val_psnr", "val_ssim"} <= set(logged), sorted(logged)
+    assert logged["val_psnr"] == [(2, pytest.approx(ckpt["validation"]["best_metric"], abs=1e-4))]
+    assert ckpt["validation"]["best_metric_epoch"] == 2 and 0.0 < logged["val_ssim"][0][1] < 1.0
+    lrs = [value for _, value in sorted(logged["lr"])]
+    assert len(lrs) == 4 and lrs[0] > lrs[-1] > 0  # one per iteration, after the warm-up, falling along the cosine
+    assert "val_psnr: " in proc.stdout + proc.stderr  # MONAI's StatsHandler reports the validation
 
 
 def test_2d_prior_trains_and_validates_with_the_same_config(root: Path, python: str, work: Path) -> None:
-    """k = 1 (the dds2d / mbir prior): validation reconstructs slice by slice instead of blending slabs."""
+    """k = 1 (the dds2d / mbir prior): validation reconstructs slice by slice instead of blending slabs.
+
+    Run as ``run run``: the zoo's run id names the training too.
+    """
     write_crop(work / "val.nii.gz", xy=32, slices=5)
     datalist(work, ["a.nii.gz", "b.nii.gz"], validation=["val.nii.gz"])
-    train(root, python, work, slab_size=1, separations=[1], val_interval=1, val_steps=2)
+    train(root, python, work, run_id="run", slab_size=1, separations=[1], val_interval=1, val_steps=2)
     assert (work / "run" / "model_best.pt").is_file()
     net = SlabDenoiser(
         slab_size=1, separations=[1], channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8

@@ -1,119 +1,159 @@
-"""Ignite handlers of the training workflow: sparse-view reconstruction as the validation of the prior."""
+"""The training's validation the MONAI way: an evaluator that reconstructs each validation volume from its simulated sinogram.
+
+``configs/train.json`` attaches MONAI's ``ValidationHandler`` to the trainer; it runs a
+:class:`ReconstructionEvaluator` over the validation volumes, whose sinograms ``SimulateSinogramd``
+simulates. Each iteration builds the volume's operator (:class:`SinogramPrepareBatch`) and
+reconstructs it with the evaluator's inferer (score blending at a few steps with the EMA
+weights). PSNR and SSIM are ``bundle.metrics``' own, each wrapped as a :class:`VolumeMetric`;
+:class:`SaveBestWeights` writes ``model_best.pt``. The evaluator's best PSNR is its checkpointed
+state, so a resumed run keeps ``model_best.pt`` until a model beats every one before the
+interruption.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from monai.engines import SupervisedEvaluator
+from monai.engines.utils import PrepareBatch
 from torch import nn
 
-from bundle.physics.geometry import limited_angle, sparse_view
-from bundle.metrics import reconstruction_metrics
 from bundle.physics.operators import make_operator
-from bundle.recon.inferers import DiffusionBlendInferer
-from bundle.workflows.training import save_state_dict
 from bundle.transforms.layout import to_zhw
+from bundle.workflows.training import SaveWeights
 
-__all__ = ["SparseViewValidation"]
+__all__ = ["ReconstructionEvaluator", "SaveBestWeights", "SinogramPrepareBatch", "VolumeMetric"]
 
 logger = logging.getLogger(__name__)
 
 
-class SparseViewValidation:
-    """Every ``interval`` epochs, reconstruct validation volumes from simulated projections with the current prior.
+class SinogramPrepareBatch(PrepareBatch):
+    """The evaluator's ``prepare_batch`` for one item of ``SimulateSinogramd``: sinogram, ground truth and operator.
 
-    For each validation volume it simulates a noiseless sparse-view (or limited-angle) sinogram
-    with the ASTRA projector, reconstructs it with score blending at a small number of steps
-    using ``network`` (typically the EMA weights), and stores the mean PSNR / SSIM (on the
-    [0, 1] scale) in ``engine.state.metrics`` under ``metric_name`` and ``"val_ssim"``. When
-    ``best_path`` is given, the weights with the best PSNR so far are written there (a plain
-    state dict, atomically). The best PSNR is the handler's state (``state_dict`` /
-    ``load_state_dict``): checkpointed with the training, a resumed run replaces ``best_path``
-    only with a better model than any before the interruption.
+    Returns ``(sinogram, volume, (operator,), {})``, so that the evaluator calls
+    ``inferer(sinogram, network, operator)`` (the inferers' call convention) and scores the
+    result against ``volume``, a ``(Z, H, W)`` tensor.
 
     Args:
-        network: the denoiser to validate.
-        volumes: preprocessed items; ``item[key]`` is a ``(1, X, Y, Z)`` volume in [0, 1].
-        inferer: the reconstruction method (a ``DiffusionBlendInferer`` with few steps).
-        spacing: the volumes' voxel size (x, y, z) in mm.
-        views: projections over 180 degrees (ignored when ``arc_degrees`` is given).
-        arc_degrees: a limited-angle arc at 1 degree steps instead of sparse views.
-        interval: epochs between validations (0: never).
-        metric_name: where the PSNR goes in ``engine.state.metrics``.
-        key: the image key of ``volumes``.
-        backend: projector backend (``bundle.physics.operators.make_operator``).
-        best_path: where the best weights go (``None``: not kept).
+        image_key: the ground-truth volume, channel-first ``(1, X, Y, Z)``.
+        sinogram_key: its sinogram.
+        geometry_key: the sinogram's geometry (``bundle.physics.geometry``).
+        backend: projector backend of the operator (``bundle.physics.operators.make_operator``).
     """
 
     def __init__(
-        self,
-        network: nn.Module,
-        volumes: Sequence[dict],
-        inferer: DiffusionBlendInferer,
-        spacing: Sequence[float] = (1.0, 1.0, 1.0),
-        views: int = 8,
-        arc_degrees: float | None = None,
-        interval: int = 1,
-        metric_name: str = "val_psnr",
-        key: str = "image",
-        backend: str = "auto",
-        best_path: str | Path | None = None,
+        self, image_key: str = "image", sinogram_key: str = "sinogram", geometry_key: str = "geometry", backend: str = "auto"
     ) -> None:
-        self.network = network
-        self.volumes = volumes
-        self.inferer = inferer
-        self.voxel_size = tuple(float(s) for s in spacing)[::-1]
-        self.views = int(views)
-        self.arc_degrees = arc_degrees
-        self.interval = int(interval)
-        self.metric_name = metric_name
-        self.key = key
+        self.image_key, self.sinogram_key, self.geometry_key = image_key, sinogram_key, geometry_key
         self.backend = backend
-        self.best_path = Path(best_path) if best_path else None
-        self.best = float("-inf")
 
-    def state_dict(self) -> dict[str, float]:
-        """The state to checkpoint: the best PSNR so far (``-inf`` before the first validation)."""
-        return {"best": self.best}
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        image = torch.as_tensor(batchdata[self.image_key])
+        if image.ndim != 4:
+            raise ValueError(
+                f"SinogramPrepareBatch: {self.image_key!r} has shape {tuple(image.shape)}, expected one channel-first volume "
+                "(1, X, Y, Z); the validation DataLoader must not batch its items (batch_size null)"
+            )
+        volume = to_zhw(image).to(device=device, dtype=torch.float32, non_blocking=non_blocking)
+        sinogram = torch.as_tensor(batchdata[self.sinogram_key]).to(device=device, non_blocking=non_blocking)
+        operator = make_operator(batchdata[self.geometry_key], backend=self.backend, device=device)
+        return sinogram, volume, (operator,), {}
 
-    def load_state_dict(self, state: Mapping[str, float]) -> None:
-        """Restore the best PSNR from a checkpoint written by ``state_dict``."""
-        self.best = float(state["best"])
+
+class VolumeMetric(Metric):
+    """One of ``bundle.metrics``' volume measures (``psnr``, ``ssim``) as an ignite metric: its mean over the volumes.
+
+    It reads ``pred`` and ``label`` from the evaluator's output, one ``(Z, H, W)`` volume each
+    per iteration. The values stay on this process (no all-reduce), so the validation may run
+    on rank 0 alone in a multi-GPU training.
+
+    Args:
+        measure: ``measure(pred, target) -> float``, e.g. ``bundle.metrics.psnr``.
+    """
+
+    required_output_keys = ("pred", "label")
+
+    def __init__(self, measure: Callable[[torch.Tensor, torch.Tensor], float]) -> None:
+        self.measure = measure
+        super().__init__()
+
+    def reset(self) -> None:
+        self._values: list[float] = []
+
+    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        pred, target = output
+        self._values.append(float(self.measure(pred, target)))
+
+    def compute(self) -> float:
+        if not self._values:
+            raise RuntimeError("VolumeMetric: no volume was scored")
+        return sum(self._values) / len(self._values)
+
+
+class ReconstructionEvaluator(SupervisedEvaluator):
+    """MONAI's ``SupervisedEvaluator`` for reconstructions, one volume an iteration, whose best key metric is checkpointed.
+
+    Defaults: ``prepare_batch`` is :class:`SinogramPrepareBatch` and ``decollate`` is off (an
+    iteration's output is one volume, not a batch). ``state_dict`` / ``load_state_dict`` carry
+    MONAI's ``best_metric`` and ``best_metric_epoch``, so that ``train.json`` checkpoints them with
+    the training; the rest of an evaluator's state is set afresh by every run. A checkpoint of
+    the earlier ``SparseViewValidation`` handler (``{"best": psnr}``) loads too. Arguments are
+    MONAI's.
+    """
+
+    def __init__(self, *args: Any, prepare_batch: Callable | None = None, decollate: bool = False, **kwargs: Any) -> None:
+        prepare_batch = SinogramPrepareBatch() if prepare_batch is None else prepare_batch
+        super().__init__(*args, prepare_batch=prepare_batch, decollate=decollate, **kwargs)
+        if self.state.epoch_length == 0:
+            logger.warning("validation is off: the datalist has no validation volumes")
+
+    def state_dict(self) -> dict[str, float | int]:
+        """The best key metric so far and its (training) epoch; ``-1``, ``-1`` before the first validation."""
+        return {"best_metric": float(self.state.best_metric), "best_metric_epoch": int(self.state.best_metric_epoch)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the best key metric from a checkpoint written by ``state_dict`` (or by ``SparseViewValidation``)."""
+        if "best" in state_dict and "best_metric" not in state_dict:  # {"best": psnr}, -inf before any validation
+            best = float(state_dict["best"])
+            state_dict = {"best_metric": best, "best_metric_epoch": 0} if best > float("-inf") else self.state_dict()
+        self.state.best_metric = float(state_dict["best_metric"])
+        self.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
+
+
+class SaveBestWeights(SaveWeights):
+    """Write the network's weights (as ``SaveWeights`` does: a plain state dict, atomically) when the key metric improves.
+
+    Attached to an evaluator: after a validation whose key metric beat MONAI's
+    ``state.best_metric`` (the evaluator updates it first), the weights are written. The best
+    metric is the evaluator's checkpointed state (:class:`ReconstructionEvaluator`), so a resumed
+    run writes only a model better than every one before. MONAI's
+    ``CheckpointSaver(save_key_metric=True)`` tracks the best in a list of its own that starts
+    empty in a resumed run, unless that list is stored inside the weights file.
+
+    Args:
+        network: the module whose weights are written (e.g. the EMA model).
+        path: the output file (``model_best.pt``).
+    """
+
+    def __init__(self, network: nn.Module, path: str | Path) -> None:
+        super().__init__(network, path, interval=0)
+        self._best_before: tuple[float, int] | None = None
 
     def attach(self, engine: Engine) -> None:
-        if self.interval > 0 and len(self.volumes) == 0:
-            logger.warning("sparse-view validation is off: the datalist has no validation volumes")
-        elif self.interval > 0:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._remember_best)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._save_if_better)
 
-    def _geometry(self, shape: Sequence[int]):
-        if self.arc_degrees is not None:
-            return limited_angle(self.arc_degrees, 1.0, shape, self.voxel_size)
-        return sparse_view(self.views, shape, self.voxel_size)
+    def _remember_best(self, engine: Engine) -> None:
+        self._best_before = (engine.state.best_metric, engine.state.best_metric_epoch)
 
-    @torch.no_grad()
-    def __call__(self, engine: Engine) -> None:
-        if len(self.volumes) == 0:
-            return
-        device = next(self.network.parameters()).device
-        scores = []
-        for item in self.volumes:
-            x = to_zhw(torch.as_tensor(item[self.key])).to(device=device, dtype=torch.float32)
-            operator = make_operator(self._geometry(x.shape), backend=self.backend, device=device)
-            recon = self.inferer(operator(x), self.network, operator)
-            scores.append(reconstruction_metrics(recon, x))
-        psnr = sum(s["psnr_3d"] for s in scores) / len(scores)
-        ssim = sum(s["ssim_3d"] for s in scores) / len(scores)
-        engine.state.metrics[self.metric_name] = psnr
-        engine.state.metrics["val_ssim"] = ssim
-        logger.info(
-            f"epoch {engine.state.epoch}: sparse-view validation ({self.views} views, {self.inferer.steps} steps) "
-            f"PSNR {psnr:.2f} dB, SSIM {ssim:.4f} over {len(scores)} volume(s)"
-        )
-        if psnr > self.best:
-            self.best = psnr
-            if self.best_path is not None:
-                save_state_dict(self.network, self.best_path)
+    def _save_if_better(self, engine: Engine) -> None:
+        if (engine.state.best_metric, engine.state.best_metric_epoch) != self._best_before:
+            self(engine)

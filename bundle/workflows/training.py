@@ -14,6 +14,7 @@ from monai.inferers import DiffusionInferer
 from torch import nn
 
 from bundle.precision import autocast, resolve_mixed_precision
+from bundle.settings import setting_number
 
 __all__ = [
     "ResumeCheckpointLoader",
@@ -110,9 +111,7 @@ class SlabDiffusionInferer(DiffusionInferer):
         super().__init__(scheduler)
         self.mixed_precision = mixed_precision
         resolve_mixed_precision(mixed_precision, "cpu")  # an invalid value fails at start-up
-        if not float(min_snr_gamma) >= 0.0:
-            raise ValueError(f"min_snr_gamma {min_snr_gamma!r}: must be a number >= 0 (0 turns the weighting off)")
-        self.min_snr_gamma = float(min_snr_gamma)
+        self.min_snr_gamma = float(setting_number("min_snr_gamma", min_snr_gamma, 0.0))  # 0: no weighting
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The per-sample min-SNR-gamma weights ``min(SNR_t, gamma) / SNR_t`` (ones when weighting is off)."""
