@@ -13,7 +13,8 @@ mapping as ``python -m monai.bundle run``. Nothing of the pipeline is copied her
 - :data:`SINOGRAM_CT` (``sinogram_ct``): the study is a measured sinogram (NIfTI,
   ``(Z, n_views, n_det)`` in array order) with its geometry JSON beside it in the studies
   folder (``<name>.json``, as ``bundle.transforms.sinogram.save_sinogram`` writes it); the
-  result is on the geometry's grid (voxel size from the JSON, centred on the rotation axis).
+  result is on the geometry's grid: with the source CT's affine when the JSON records it (its
+  ``"source"`` block, ``bundle.physics.geometry.SourceGrid``), else centred on the rotation axis.
 
 Each task takes only its kind of study: ``sparse_view_ct`` refuses a sinogram (a study with a
 geometry JSON beside it, :func:`bundle.transforms.sinogram.find_sinogram_geometry`) and
