@@ -89,6 +89,18 @@ def test_default_method_writes_outputs_on_the_input_grid(data, tmp_path):
     for key in ("psnr_3d", "ssim_3d", "mae_body_hu", "psnr_axial", "psnr_coronal", "psnr_sagittal", "ssim_sagittal", "seconds", "peak_memory_mb"):
         assert np.isfinite(metrics[key]), key
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    # the complete record (issue 16): version, weights, every acquisition and sampler setting, device, precision
+    import bundle
+
+    assert metrics["bundle_version"] == bundle.__version__
+    assert metrics["weights"]["setting"] == "ckpt_path" and len(metrics["weights"]["sha256"]) == 64
+    assert metrics["acquisition"] == {"views": 8, "arc_degrees": 180.0, "step_degrees": 1.0, "beam": "parallel",
+                                      "photons": None, "electronic_noise": 0.0}
+    settings = metrics["method_settings"]
+    assert (settings["steps"], settings["eta"], settings["slab_size"]) == (3, 0.85, 3)
+    assert "ConjugateGradientDC(iterations=5" in settings["data_consistency"] and "NoiseSchedule(" in settings["noise_schedule"]
+    assert metrics["device"] == "cpu" and metrics["precision"] in ("fp32", "bf16")
+    assert metrics["memory_kind"] == "cpu_rss" and metrics["nfe"] == 3
 
 
 @pytest.mark.parametrize("method", ["mbir", "fbp"])
@@ -96,6 +108,9 @@ def test_other_methods(data, tmp_path, method):
     metrics = _run(data, tmp_path, method=method, steps=2)
     assert metrics["method"] == method
     assert (tmp_path / "crop_recon.nii.gz").is_file()
+    assert "object at 0x" not in metrics["inferer"] and metrics["inferer"].startswith(("DiffusionBlendInferer(", "FBPInferer("))
+    if method == "fbp":
+        assert metrics["method_settings"] == {"filter_name": "ram-lak", "cutoff": 1.0}
 
 
 def test_samples_write_mean_and_std(data, tmp_path):

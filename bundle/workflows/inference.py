@@ -22,6 +22,8 @@ line integrals, angles in degrees, a volume not in HU) are errors unless ``allow
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +33,8 @@ from typing import Any
 import torch
 from monai.data import DataLoader, Dataset
 
-from bundle.io import save_json, save_orthogonal_views
+import bundle
+from bundle.io import save_json
 from bundle.limits import check_memory, estimate_memory_bytes, memory_limit_bytes
 from bundle.metrics import reconstruction_metrics
 from bundle.physics.acquisition import Acquisition, make_geometry, planned_views
@@ -44,6 +47,7 @@ from bundle.transforms.layout import to_zhw
 from bundle.workflows.outputs import OUTPUT_SUFFIXES, publish, save_volume, staging_folder
 from bundle.workflows.priors import Priors
 from bundle.workflows.profiling import CountedNetwork, Profile
+from bundle.workflows.figures import views_figure, window_range
 from bundle.workflows.sources import INPUT_KINDS, LoadInput, Source, input_name, list_inputs, make_source
 
 __all__ = [
@@ -91,7 +95,8 @@ class Reconstruction:
         hu_max: HU mapped to 1 by the preprocessing (``HUToNormalizedd``), for writing HU back.
         backend: projector backend for ``make_operator``.
         save_png: write the orthogonal-view figures.
-        display_hu_max: HU shown as white in the figures (black is air, -1000 HU).
+        figure_window: their grey window, a preset (``soft_tissue``, ``lung``, ``bone``, ``wide``) or
+            ``"width/level"`` in HU (:func:`bundle.workflows.figures.window_range`).
         input_kind: ``"auto"``, or ``"volume"`` / ``"sinogram"`` to refuse the other kind.
         allow_implausible: accept implausible sinograms (the volume's HU check is ``ValidateVolumed``'s).
         memory_limit_gb: the most memory (GB) a reconstruction may need by ``bundle.limits``'s estimate.
@@ -123,7 +128,7 @@ class Reconstruction:
         hu_max: float = 2000.0,
         backend: str = "auto",
         save_png: bool = True,
-        display_hu_max: float = 1000.0,
+        figure_window: str = "soft_tissue",
         input_kind: str = "auto",
         allow_implausible: bool | str = False,
         memory_limit_gb: float | str | None = None,
@@ -148,7 +153,11 @@ class Reconstruction:
         self.output_dir, self.preprocessing, self.postprocessing = Path(output_dir), preprocessing, postprocessing
         self.inferer, self.device, self.backend = inferer, check_device(device), backend
         self.save_png = as_bool(save_png, "save_png")
-        self.window = float(hu_to_normalized(torch.tensor(float(display_hu_max)), MU_WATER, self.mu_max))
+        try:
+            window_range(figure_window)  # a bad window fails before any work, naming the setting
+        except ValueError as err:
+            raise ValueError(f"figure_window: {err}") from None
+        self.figure_window = figure_window
 
     def run(self) -> dict[str, Any]:
         """Reconstruct every input, write the outputs as one set, and return what ``metrics.json`` holds."""
@@ -182,34 +191,45 @@ class Reconstruction:
         with Profile(self.device, counted) as profile:
             posterior = draw_samples(self.inferer, y, counted, operator, range(self.seed, self.seed + self.samples))
         outputs = source.outputs({"pred": posterior.mean, "std": posterior.std}, self._postprocessing())
-        metrics = {"input": str(source.path), "method": self.inferer.method, "inferer": repr(self.inferer), "weights": weights}
-        metrics.update(geometry=geometry.to_dict(), photons=self.acquisition.photons, seed=self.seed, samples=self.samples)
+        metrics = self.record(source, geometry, weights)
         metrics.update(profile.stats(), nfe=posterior.nfe, working_shape=self.inferer.working_shape(operator, network))
-        metrics["precision"] = self.inferer.precision(self.device)
         if source.ground_truth is not None:
             pred = to_zhw(outputs["pred"]).float()
             metrics.update(reconstruction_metrics(pred, to_zhw(source.ground_truth), MU_WATER, self.mu_max))
-        self.write(stage, source, outputs, posterior)
+        self.write(stage, source, outputs, posterior, geometry.voxel_size)
         return metrics
 
-    def write(self, stage: Path, source: Source, outputs: Mapping[str, Any], posterior: Posterior) -> None:
+    def record(self, source: Source, geometry: Any, weights: dict | None) -> dict[str, Any]:
+        """What ``metrics.json`` says of a run before its figures: input, bundle version, method and its settings,
+        weights, acquisition, geometry, device and precision."""
+        return {
+            "input": str(source.path), "bundle_version": bundle.__version__, "method": self.inferer.method,
+            "inferer": repr(self.inferer), "method_settings": method_settings(self.inferer), "weights": weights,
+            "acquisition": dataclasses.asdict(self.acquisition) if source.ground_truth is not None else None,
+            "geometry": geometry.to_dict(), "photons": self.acquisition.photons, "seed": self.seed,
+            "samples": self.samples, "device": str(self.device), "precision": self.inferer.precision(self.device),
+        }  # fmt: skip
+
+    def write(self, stage: Path, source: Source, outputs: Mapping[str, Any], posterior: Posterior,
+              voxel_size: tuple[float, float, float]) -> None:
         """The NIfTI images in HU (``SaveImage``) and the figure of one input."""
         pred = outputs["pred"]
         save_volume(normalized_to_hu(pred, MU_WATER, self.mu_max), pred.affine, stage / f"{source.name}_recon.nii.gz", "HU")
+        hu_per_unit = 1000.0 * self.mu_max / MU_WATER  # d HU / d (normalised attenuation)
         if "std" in outputs:
-            hu_per_unit = 1000.0 * self.mu_max / MU_WATER  # d HU / d (normalised attenuation)
             std = outputs["std"]
             save_volume(std * hu_per_unit, std.affine, stage / f"{source.name}_std.nii.gz", "HU (standard deviation)")
         if not self.save_png:
             return
-        # the figure shows the model grid (RAS after the preprocessing), so the views are the radiological ones
-        shown = [("reconstruction", posterior.mean)]
-        if source.ground_truth is not None and source.volume is not None:
-            shown.append(("ground truth", source.volume))
-        if posterior.std is not None:  # scaled so that the largest std is white
-            shown.append(("std (scaled)", posterior.std * (self.window / max(float(posterior.std.max()), 1e-8))))
-        title = f"{source.name}: {self.inferer.method}"
-        save_orthogonal_views(shown, stage / f"{source.name}_views.png", vmax=self.window, title=title)
+        # the figure shows the model grid (RAS after the preprocessing) at its voxel size, in HU
+        def hu(volume: torch.Tensor) -> Any:
+            return normalized_to_hu(volume, MU_WATER, self.mu_max).cpu().numpy()
+
+        truth = hu(source.volume) if source.ground_truth is not None and source.volume is not None else None
+        std = (posterior.std * hu_per_unit).cpu().numpy() if posterior.std is not None else None
+        views_figure([(self.inferer.method or "reconstruction", hu(posterior.mean))], voxel_size,
+                     stage / f"{source.name}_views.png", window=self.figure_window, truth=truth, std=std,
+                     title=f"{source.name}: {self.inferer.method}")
 
     def check_memory(self, vol_shape: tuple[int, int, int], n_views: int, n_det: int, beam: str) -> int:
         """Refuse a reconstruction whose estimated memory (``bundle.limits``) exceeds ``memory_limit_gb``; the estimate."""
@@ -224,3 +244,17 @@ class Reconstruction:
 
     def _postprocessing(self) -> Callable[[dict], dict]:
         return self.postprocessing if self.postprocessing is not None else default_postprocessing(self.preprocessing)
+
+
+def method_settings(method: ReconstructionMethod) -> dict[str, Any]:
+    """A method's settings as plain values for ``metrics.json`` (steps, eta, CG, schedule, ... or a classical method's)."""
+    plain = (bool, int, float, str, type(None))
+    settings = {k: v for k, v in vars(method).items() if isinstance(v, plain) and not k.startswith("_")}
+    settings.update({k: v for k, v in getattr(method, "kwargs", {}).items() if isinstance(v, plain)})
+    for part in ("schedule", "data_consistency", "noise_schedule", "warm_start_method"):
+        value = getattr(method, part, None)
+        if isinstance(value, functools.partial):  # a factory wired with _mode_: callable
+            value = f"{value.func.__name__}({', '.join(f'{k}={v!r}' for k, v in value.keywords.items())})"
+        if value is not None:
+            settings[part] = value if isinstance(value, str) else repr(value)
+    return settings
