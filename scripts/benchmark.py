@@ -1,7 +1,7 @@
 """Side-by-side benchmark of every reconstruction method on held-out CT volumes (issue 5), in one command.
 
     python scripts/benchmark.py                                   # the full benchmark -> eval/benchmark/
-    python scripts/benchmark.py --max-slices 24 --steps 20 --views 8 --arcs --photons none
+    python scripts/benchmark.py --max_slices 24 --steps 20 --views 8 --arcs none --photons none
     python scripts/benchmark.py --nfe 10 20 50 100 200            # and the NFE sweep of dbpp vs dds2d
     python scripts/benchmark.py --datalist data/lidc/datalist.json --volumes LIDC-0001
 
@@ -17,7 +17,7 @@ It drives ``configs/evaluate.json`` (merged over ``configs/inference.json``) thr
   ``models/model_2d.pt`` for ``dds2d`` / ``mbir``) is not run, and its row says so;
 - ``--samples 1 4``: each diffusion method as one sample and as the mean of 4 (rows of their own);
 - settings: the product of the geometries (``--views`` over 180 degrees, ``--arcs`` at
-  ``--step-degrees``) and the noise levels (``--photons``: ``none`` is noiseless);
+  ``--step_degrees``; ``none`` leaves either out) and the noise levels (``--photons``: ``none`` is noiseless);
 - ``--resume``: runs already in ``--out`` with exactly the same specification (method,
   settings, seed, preprocessed volume, weights; each run's ``cell.json``) are read back, not
   run again: a stopped benchmark continues, and a method can be added to a finished one.
@@ -58,22 +58,49 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "ct"
 CONFIGS = [str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "evaluate.json")]
 
 
+def _none_or(kind: type, what: str):
+    """An argparse type: ``none`` (no setting of this kind) or a positive ``kind``."""
+
+    def parse(text: str) -> Any:
+        if text.lower() == "none":
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} or 'none'") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} must be > 0")
+        return value
+
+    return parse
+
+
+_counts = _none_or(int, "a number of views")
+_degrees = _none_or(float, "an arc in degrees")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "eval" / "benchmark", help="output folder")
     parser.add_argument("--datalist", type=Path, nargs="*", default=[], help="more datalists; their 'test' lists are added")
-    parser.add_argument("--datalist-key", default="test", help="which list of the --datalist files to read")
-    parser.add_argument("--data-root", type=Path, default=None, help="base folder of --datalist entries (default: each file's folder)")
-    parser.add_argument("--no-shared", action="store_true", help="leave out the shared held-out volumes")
+    parser.add_argument("--datalist_key", "--datalist-key", default="test", help="which list of the --datalist files to read")
+    parser.add_argument("--data_root", "--data-root", type=Path, default=None, help="base folder of --datalist entries (default: each file's folder)")
+    parser.add_argument("--no_shared", "--no-shared", action="store_true", help="leave out the shared held-out volumes")
     parser.add_argument(
         "--volumes", nargs="*", default=None,
         help="restrict to these volumes: names (as in the table) of the listed ones, or files used directly",
     )
     parser.add_argument("--methods", nargs="*", default=list(ALL_METHODS), choices=ALL_METHODS)
-    parser.add_argument("--tv-weights", type=float, nargs="*", default=[1e-4, 5e-4, 2e-3], help="TV weights swept (lam)")
-    parser.add_argument("--views", type=int, nargs="*", default=[8, 6, 4], help="sparse-view settings over 180 degrees")
-    parser.add_argument("--arcs", type=float, nargs="*", default=[90.0], help="limited-angle arcs in degrees")
-    parser.add_argument("--step-degrees", type=float, default=1.0, help="angular step of the limited-angle arcs")
+    parser.add_argument("--tv_weights", "--tv-weights", type=float, nargs="*", default=[1e-4, 5e-4, 2e-3], help="TV weights swept (lam)")
+    parser.add_argument(
+        "--views", type=_counts, nargs="+", default=[8, 6, 4],
+        help="sparse-view settings over 180 degrees; 'none': no sparse-view setting",
+    )
+    parser.add_argument(
+        "--arcs", type=_degrees, nargs="+", default=[90.0],
+        help="limited-angle arcs in degrees (e.g. --arcs 90 120); 'none': no limited-angle setting",
+    )
+    parser.add_argument("--step_degrees", "--step-degrees", type=float, default=1.0, help="angular step of the limited-angle arcs")
     parser.add_argument("--photons", nargs="*", default=["none", "1e5"], help="noise levels: incident photons per ray, 'none' = noiseless")
     parser.add_argument(
         "--samples", type=int, nargs="+", default=[1],
@@ -81,15 +108,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "estimate), once per N given; 1 is a single sample (default)",
     )
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (NFE) of the diffusion methods (default: the config's)")
-    parser.add_argument("--max-slices", type=int, default=None, help="keep the central N slices of each volume (quick runs)")
+    parser.add_argument("--max_slices", "--max-slices", type=int, default=None, help="keep the central N slices of each volume (quick runs)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the config's: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ckpt", type=Path, default=None, help="weights of the slab prior (default models/model.pt)")
-    parser.add_argument("--ckpt-2d", type=Path, default=None, help="weights of the 2D prior (default models/model_2d.pt)")
+    parser.add_argument("--ckpt_2d", "--ckpt-2d", type=Path, default=None, help="weights of the 2D prior (default models/model_2d.pt)")
     parser.add_argument("--nfe", type=int, nargs="*", default=[], help="NFE sweep of dbpp vs dds2d at these step counts")
-    parser.add_argument("--nfe-setting", default=None, help="setting of the NFE sweep (default: '8 views' if run, else the first)")
+    parser.add_argument("--nfe_setting", "--nfe-setting", default=None, help="setting of the NFE sweep (default: '8 views' if run, else the first)")
     parser.add_argument("--window", type=float, nargs=2, default=[-1000.0, 1000.0], help="HU window of the figures")
-    parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--no_figures", "--no-figures", action="store_true")
     parser.add_argument(
         "--resume", action="store_true",
         help="reuse the runs already in --out that match exactly (cell.json: settings, data and weights digests)",
@@ -98,7 +125,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
         help="any bundle config override, e.g. --set batch_size=32 --set 'network_def#channels=[8,16]'",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.views = [v for v in args.views if v is not None]  # 'none' asks for no setting of that kind
+    args.arcs = [a for a in args.arcs if a is not None]
+    return args
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -155,7 +185,7 @@ def make_settings(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             settings.append({"name": f"{name}, {float(photons):.0e} photons".replace("e+0", "e"), **geometry, "photons": float(photons)})
     if not settings:
-        raise SystemExit("no settings: pass --views and/or --arcs")
+        raise SystemExit("--views / --arcs: no settings left (both are 'none')")
     return settings
 
 

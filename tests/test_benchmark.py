@@ -40,8 +40,8 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 def _argv(setup: dict[str, Path], out: Path, *more: str) -> list[str]:
     return [
-        "--out", str(out), "--no-shared", "--volumes", str(setup["crop"]),
-        "--steps", "2", "--device", "cpu", "--ckpt", str(setup["ckpt"]), "--ckpt-2d", str(setup["ckpt_2d"]),
+        "--out", str(out), "--no_shared", "--volumes", str(setup["crop"]),
+        "--steps", "2", "--device", "cpu", "--ckpt", str(setup["ckpt"]), "--ckpt_2d", str(setup["ckpt_2d"]),
         "--set", "image_size=32", *[a for s in TINY_SET for a in ("--set", s)], *more,
     ]  # fmt: skip
 
@@ -51,8 +51,8 @@ def test_benchmark_table_figures_and_nfe_sweep(setup, tmp_path):
     result = script.main(
         _argv(
             setup, tmp_path,
-            "--methods", "fbp", "tv", "dbpp", "dds2d", "mbir", "--tv-weights", "1e-4", "2e-3", "--samples", "1", "2",
-            "--views", "6", "--arcs", "90", "--step-degrees", "15", "--photons", "none", "--nfe", "1", "2",
+            "--methods", "fbp", "tv", "dbpp", "dds2d", "mbir", "--tv_weights", "1e-4", "2e-3", "--samples", "1", "2",
+            "--views", "6", "--arcs", "90", "--step_degrees", "15", "--photons", "none", "--nfe", "1", "2",
         )
     )  # fmt: skip
     rows = result["rows"]
@@ -95,8 +95,8 @@ def test_benchmark_table_figures_and_nfe_sweep(setup, tmp_path):
 
 def test_missing_weights_are_skipped_with_a_note(setup, tmp_path):
     script = _load_script()
-    argv = _argv(setup, tmp_path, "--methods", "fbp", "dds2d", "--views", "4", "--arcs", "--photons", "1e5", "--no-figures")
-    argv[argv.index("--ckpt-2d") + 1] = str(tmp_path / "model_2d.pt")
+    argv = _argv(setup, tmp_path, "--methods", "fbp", "dds2d", "--views", "4", "--arcs", "none", "--photons", "1e5", "--no_figures")
+    argv[argv.index("--ckpt_2d") + 1] = str(tmp_path / "model_2d.pt")
     rows = script.main(argv)["rows"]
     assert [(r["setting"], r["method"]) for r in rows] == [("4 views, 1e5 photons", "fbp"), ("4 views, 1e5 photons", "dds2d")]
     assert np.isfinite(rows[0]["psnr_3d"]) and rows[0]["photons"] == 1e5
@@ -105,7 +105,7 @@ def test_missing_weights_are_skipped_with_a_note(setup, tmp_path):
 
 def test_settings_and_methods_from_options():
     script = _load_script()
-    args = script.parse_args(["--methods", "tv", "dbpp", "--tv-weights", "1e-4", "5e-4", "--samples", "1", "4"])
+    args = script.parse_args(["--methods", "tv", "dbpp", "--tv_weights", "1e-4", "5e-4", "--samples", "1", "4"])
     assert [s["name"] for s in script.make_settings(args)] == [
         "8 views", "8 views, 1e5 photons", "6 views", "6 views, 1e5 photons",
         "4 views", "4 views, 1e5 photons", "90 degrees", "90 degrees, 1e5 photons",
@@ -137,7 +137,7 @@ def test_resume_reuses_exactly_matching_runs_only(setup, tmp_path):
     script = _load_script()
     weights = tmp_path / "weights.pt"
     weights.write_bytes(setup["ckpt"].read_bytes())
-    argv = _argv(setup, tmp_path / "out", "--methods", "fbp", "dbpp", "--views", "4", "--arcs", "--photons", "none", "--no-figures")
+    argv = _argv(setup, tmp_path / "out", "--methods", "fbp", "dbpp", "--views", "4", "--arcs", "none", "--photons", "none", "--no_figures")
     argv[argv.index("--ckpt") + 1] = str(weights)
 
     def run(*more: str, steps: str = "2") -> dict[str, tuple[int, dict]]:
