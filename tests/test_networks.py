@@ -101,3 +101,19 @@ def test_adapting_to_more_slices_or_another_network_is_refused() -> None:
     wider = SlabDenoiser(slab_size=3, channels=(16, 16), attention_levels=(False, True), num_head_channels=8)
     with pytest.raises(ValueError, match="does not map onto"):
         adapt_slab_state_dict(wider.state_dict(), SlabDenoiser(slab_size=1, **TINY))
+
+
+def test_torch_jit_trace_with_the_three_inputs_matches_eager(tmp_path) -> None:
+    """The export path the model card documents: ``torch.jit.trace`` over (x_t, t, separation)."""
+    torch.manual_seed(0)
+    net = SlabDenoiser(slab_size=3, **TINY).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    example = (torch.randn(2, 3, 16, 16), torch.tensor([500, 20]), torch.tensor([1, 3]))
+    traced = torch.jit.trace(net, example)
+    traced.save(str(tmp_path / "denoiser.ts"))
+    loaded = torch.jit.load(str(tmp_path / "denoiser.ts"))
+    other = (torch.randn(3, 3, 24, 32), torch.tensor([999, 1, 300]), torch.tensor([2, 2, 1]))  # other batch and size
+    with torch.no_grad():
+        for inputs in (example, other):
+            torch.testing.assert_close(loaded(*inputs), net(*inputs), rtol=0, atol=1e-6)
