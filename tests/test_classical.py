@@ -171,3 +171,19 @@ def test_bad_input():
         FBPInferer()(y, None, "parallel")
     with pytest.raises(TypeError, match="operator"):  # the operator is no longer taken in the network's place
         FBPInferer()(y, A)
+
+
+def test_progress_shows_the_iterations_and_changes_nothing(capfd):
+    x = _phantom(24)
+    A = make_operator(sparse_view(8, x.shape, (2.0, 2.0, 2.0)))
+    y = A(x)
+    for name, quiet, shown in (
+        ("SIRT", SIRTInferer(n_iter=5), SIRTInferer(n_iter=5, progress="true")),
+        ("TV (ADMM)", TVInferer(n_iter=3), TVInferer(n_iter=3, progress=True)),
+    ):
+        silent = quiet(y, None, A)
+        assert name not in capfd.readouterr().err
+        torch.testing.assert_close(shown(y, None, A), silent, rtol=0, atol=0)
+        assert f"{name}: 100%" in capfd.readouterr().err
+    with pytest.raises(ValueError, match="progress"):
+        SIRTInferer(progress="maybe")

@@ -9,7 +9,7 @@ sinograms). They run without autograd.
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Iterable, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from bundle.physics.operators import LinearOperator, make_operator
 from bundle.physics.operators.base import check_tensor
 from bundle.recon.cg import cg
 from bundle.recon.method import ReconstructionMethod
+from bundle.settings import as_bool
 
 __all__ = [
     "FILTERS",
@@ -168,12 +169,22 @@ def _fbp_applies(op: LinearOperator) -> bool:
     return isinstance(geometry, ParallelBeamGeometry) or (isinstance(geometry, FanBeamGeometry) and isinstance(op, FanBackprojector))
 
 
+def iterations(n_iter: int, progress: bool = False, desc: str = "") -> Iterable[int]:
+    """``range(n_iter)``, shown as a tqdm progress bar (with the time left) when ``progress``."""
+    if not progress:
+        return range(n_iter)
+    from tqdm import tqdm
+
+    return tqdm(range(n_iter), desc=desc, unit="it")
+
+
 def sirt(
     sinogram: torch.Tensor,
     A: OperatorOrGeometry,
     n_iter: int = 100,
     x0: Optional[torch.Tensor] = None,
     nonnegative: bool = True,
+    progress: bool = False,
 ) -> torch.Tensor:
     """SIRT: ``x += C A^T R (y - A x)`` with ``R, C`` the inverse row and column sums (Gregor and Benson 2008).
 
@@ -183,6 +194,7 @@ def sirt(
         n_iter: iterations.
         x0: start (default zeros).
         nonnegative: project onto ``x >= 0`` after each iteration.
+        progress: show the iterations as a progress bar.
     """
     op = _as_operator(A, sinogram.device if isinstance(sinogram, torch.Tensor) else torch.device("cpu"))
     check_tensor(sinogram, op.range_shape, "sinogram")
@@ -194,7 +206,7 @@ def sirt(
         r = torch.where(row > 0, 1.0 / row.clamp(min=1e-12), torch.zeros_like(row))
         c = torch.where(colsum > 0, 1.0 / colsum.clamp(min=1e-12), torch.zeros_like(colsum))
         x = torch.zeros_like(ones_x) if x0 is None else x0.clone()
-        for _ in range(n_iter):
+        for _ in iterations(n_iter, progress, "SIRT"):
             x = x + c * op.T(r * (sinogram - op(x)))
             if nonnegative:
                 x.clamp_(min=0)
@@ -258,6 +270,7 @@ def tv_reconstruct(
     weights: Sequence[float] = (1.0, 1.0, 1.0),
     nonnegative: bool = True,
     x0: Optional[torch.Tensor] = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """3D isotropic TV reconstruction by ADMM (Boyd et al. 2011, section 6.4.1) with CG x-updates.
 
@@ -277,6 +290,7 @@ def tv_reconstruct(
         weights: finite-difference weights along (Z, H, W), e.g. to weaken TV across slices.
         nonnegative: enforce ``x >= 0``.
         x0: start (default: FBP for slice stacks, else zeros).
+        progress: show the ADMM iterations as a progress bar.
     """
     op = _as_operator(A, sinogram.device if isinstance(sinogram, torch.Tensor) else torch.device("cpu"))
     check_tensor(sinogram, op.range_shape, "sinogram")
@@ -304,7 +318,7 @@ def tv_reconstruct(
             out = op.T(op(t)) * scale + rho * gradient3d_adjoint(gradient3d(t, weights), weights)
             return out + rho * t if nonnegative else out
 
-        for _ in range(n_iter):
+        for _ in iterations(n_iter, progress, "TV (ADMM)"):
             # 1. x-update: least squares coupling data, gradients and the nonnegative copy
             rhs = aty + rho * gradient3d_adjoint(z - u, weights)
             if nonnegative:
@@ -394,12 +408,13 @@ class SIRTInferer(_ClassicalInferer):
 
     method = "sirt"
 
-    def __init__(self, n_iter: int = 100, nonnegative: bool = True) -> None:
+    def __init__(self, n_iter: int = 100, nonnegative: bool = True, progress: bool = False) -> None:
         super().__init__()
         self.n_iter, self.nonnegative = n_iter, nonnegative
+        self._progress = as_bool(progress, "progress")
 
     def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-        return sirt(sinogram, op, self.n_iter, nonnegative=self.nonnegative)
+        return sirt(sinogram, op, self.n_iter, nonnegative=self.nonnegative, progress=self._progress)
 
 
 class CGLSInferer(_ClassicalInferer):
@@ -433,9 +448,11 @@ class TVInferer(_ClassicalInferer):
         cg_iter: int = 5,
         weights: Sequence[float] = (1.0, 1.0, 1.0),
         nonnegative: bool = True,
+        progress: bool = False,
     ) -> None:
         super().__init__()
         self.kwargs = dict(lam=lam, rho=rho, n_iter=n_iter, cg_iter=cg_iter, weights=tuple(weights), nonnegative=nonnegative)
+        self._progress = as_bool(progress, "progress")
 
     def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-        return tv_reconstruct(sinogram, op, **self.kwargs)  # type: ignore[arg-type]
+        return tv_reconstruct(sinogram, op, **self.kwargs, progress=self._progress)  # type: ignore[arg-type]
