@@ -126,3 +126,37 @@ def test_blend_rejects_bad_partition():
     p = tile(10, 3)
     with pytest.raises(ValueError, match="indexes slice"):
         blend(_identity, torch.zeros(8, 2, 2), 0, p)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("depth,separation,offset", [(10, 1, 1), (17, 3, 2), (8, 2, 1)])
+def test_sharded_blend_runs_the_same_batches_round_robin_and_sums_to_the_whole(world, depth, separation, offset):
+    """Process r of n runs batches i % n == r of one process's batches; the reduced sums give the local blend."""
+    x = torch.randn(depth, 4, 5, generator=torch.Generator().manual_seed(0))
+    partition = tile(depth, 3, separation, offset)
+    batches = [b.tolist() for b in partition.batches(2)]
+    seen, sums = [], []
+
+    def recording(rank):
+        def denoiser(x, t, separation):
+            seen.append((rank, x.clone()))
+            return 0.5 * x + separation.reshape(-1, 1, 1, 1)
+        return denoiser
+
+    for rank in range(world):
+        blend(recording(rank), x, 5, partition, 2, shard=(rank, world), reduce=lambda s: sums.append(s.clone()) or s)
+    inputs = [x[torch.tensor(b).flatten()].reshape(len(b), 3, 4, 5) for b in batches]  # one process's calls
+    assert len(seen) == len(inputs)
+    for rank in range(world):  # process r's calls: batches i % world == r, in order, with one process's inputs
+        mine = [v for r, v in seen if r == rank]
+        assert all(torch.equal(a, b) for a, b in zip(mine, inputs[rank::world])) and len(mine) == len(inputs[rank::world])
+    whole = torch.stack(sums).sum(0) / partition.coverage(depth).reshape(-1, 1, 1)
+    torch.testing.assert_close(whole, blend(lambda x, t, s: 0.5 * x + s.reshape(-1, 1, 1, 1), x, 5, partition, 2))
+
+
+def test_sharded_blend_needs_a_reduce_and_a_valid_rank():
+    p = tile(10, 3)
+    with pytest.raises(ValueError, match="and a reduce when world > 1"):
+        blend(_identity, torch.zeros(10, 2, 2), 0, p, shard=(0, 2))  # a partial sum would pass for the whole blend
+    with pytest.raises(ValueError, match=r"shard \(rank, world\) = \(2, 2\) needs 0 <= rank < world"):
+        blend(_identity, torch.zeros(10, 2, 2), 0, p, shard=(2, 2), reduce=lambda s: s)

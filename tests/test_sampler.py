@@ -245,3 +245,23 @@ def test_gaussian_prior_moments_follow_the_renoise_step(one_thread, eta):
     mean, var = _predicted_moments(50, eta)
     assert abs(float(x.mean()) - mean) < 2e-3  # the standard error is 4e-4
     assert abs(float(x.var()) / var - 1) < 0.02
+
+
+def test_the_blend_is_a_parameter():
+    """``sample(..., blend=...)`` runs the given blend once a step with the step's partition; the default is the local blend."""
+    from bundle.recon.partitions import blend as local_blend
+
+    calls = []
+
+    def recording(denoiser, x_t, t, partition, batch_size):
+        calls.append((t, partition.separation, batch_size))
+        return local_blend(denoiser, x_t, t, partition, batch_size)
+
+    g, x_T = torch.Generator().manual_seed(0), torch.randn(10, 6, 6, generator=torch.Generator().manual_seed(0))
+    out = sample(_analytic, x_T, DiffusionBlendPPSchedule(3, 3), None, ALPHAS, num_steps=4, batch_size=3, generator=g,
+                 blend=recording)  # fmt: skip
+    assert [(sep, b) for _, sep, b in calls] == [(1, 3), (3, 3), (1, 3), (3, 3)]
+    assert [t for t, _, _ in calls] == ddim_timesteps(4, 1000).tolist()
+    default = sample(_analytic, x_T, DiffusionBlendPPSchedule(3, 3), None, ALPHAS, num_steps=4, batch_size=3,
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert torch.equal(out, default)

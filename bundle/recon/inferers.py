@@ -29,12 +29,13 @@ from typing import Any
 import torch
 
 from bundle.precision import resolve_mixed_precision
+from bundle.recon import partitions
 from bundle.recon.classical import FBPInferer, SIRTInferer, TVInferer
 from bundle.recon.data_consistency import ConjugateGradientDC, ZTVDataConsistency
 from bundle.recon.method import ReconstructionMethod
 from bundle.recon.noise_schedule import NoiseSchedule
 from bundle.recon.padding import CroppedDataConsistency, centre_crop, working_shape
-from bundle.recon.partitions import DiffusionBlendPPSchedule, PartitionSchedule, make_schedule
+from bundle.recon.partitions import Blend, DiffusionBlendPPSchedule, PartitionSchedule, make_schedule
 from bundle.recon.sampler import ddim_timesteps, sample
 from bundle.settings import as_bool, setting_number
 
@@ -108,6 +109,8 @@ class DiffusionBlendInferer(ReconstructionMethod):
         warm_start: share of the DDIM steps skipped by starting from ``warm_start_method``'s reconstruction
             (``None``: SIRT) diffused to the first remaining step (Chung et al., CVPR 2022); 0: the paper's sampler.
         method: the method's name, recorded in the metrics.
+        blend: score blending over a partition (``bundle.recon.partitions.blend``; slab-parallel under
+            ``torchrun``: ``bundle.workflows.distributed.ShardedBlend``).
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
         warm_start: float = 0.0,
         warm_start_method: ReconstructionMethod | None = None,
         method: str = "diffusion",
+        blend: Blend = partitions.blend,
     ) -> None:
         super().__init__()
         self.schedule = DiffusionBlendPPSchedule(3, 3) if schedule is None else schedule
@@ -155,6 +159,9 @@ class DiffusionBlendInferer(ReconstructionMethod):
             raise ValueError(f"warm_start_method must be a classical method (fbp, sirt, tv), got {warm_start_method!r}")
         self.method = str(method)
         self.slab_size = self.schedule.slab_size
+        if not callable(blend):
+            raise TypeError(f"blend must be a callable blend(denoiser, x_t, t, partition, batch_size), got {blend!r}")
+        self.blend = blend
 
     @property
     def start_step(self) -> int:
@@ -234,6 +241,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
                 mixed_precision=self.precision(inputs.device) == "bf16",
                 progress=self.progress,
                 start_step=self.start_step,
+                blend=self.blend,
             )
         finally:
             if was_training and hasattr(network, "train"):
@@ -241,10 +249,11 @@ class DiffusionBlendInferer(ReconstructionMethod):
         return recon[crop].contiguous() if padded != domain else recon
 
     def __repr__(self) -> str:
+        shared = "" if self.blend is partitions.blend else f", blend={self.blend!r}"  # the default is left out
         return (
             f"DiffusionBlendInferer(method={self.method!r}, schedule={self.schedule!r}, "
             f"data_consistency={_describe(self.data_consistency)}, steps={self.steps}, eta={self.eta}, "
-            f"warm_start={self.warm_start}, seed={self.seed}, noise_schedule={self.noise_schedule!r})"
+            f"warm_start={self.warm_start}, seed={self.seed}, noise_schedule={self.noise_schedule!r}{shared})"
         )
 
 
@@ -293,12 +302,14 @@ def diffusion_inferer(
     image_size: int | None = None,
     warm_start: float = 0.0,
     warm_start_method: str = "sirt",
+    blend: Blend = partitions.blend,
 ) -> DiffusionBlendInferer:
     """The diffusion method ``method`` (of :data:`DIFFUSION_METHODS`) from the command line's flat settings.
 
     The method fixes its partition schedule (and for ``dds2d`` / ``mbir`` the slab size 1 and the
     data consistency); ``cg_*`` set CG data consistency, ``admm_iterations`` and ``tv_*`` the
-    z-TV one of ``mbir``. The other settings are :class:`DiffusionBlendInferer`'s.
+    z-TV one of ``mbir``. The other settings are :class:`DiffusionBlendInferer`'s (``blend``: how the slabs'
+    predictions are computed, not a setting of the result).
     """
     fixed = DIFFUSION_METHODS[method]
     schedule = make_schedule(fixed["schedule"], int(fixed.get("slab_size", slab_size)), int(separation))
@@ -308,7 +319,7 @@ def diffusion_inferer(
         raise ValueError(f"warm_start_method must be one of {list(CLASSICAL_METHODS)}, got {warm_start_method!r}")
     return DiffusionBlendInferer(
         schedule, data_consistency, noise_schedule, steps, eta, batch_size, seed, mixed_precision, progress,
-        image_size, warm_start, CLASSICAL_METHODS[warm_start_method](), method=method,
+        image_size, warm_start, CLASSICAL_METHODS[warm_start_method](), method=method, blend=blend,
     )
 
 

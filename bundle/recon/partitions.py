@@ -32,6 +32,8 @@ __all__ = [
 ]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``blend(denoiser, x_t, t, partition, batch_size) -> eps`` (:func:`blend`, or a slab-parallel one).
+Blend = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,8 @@ def blend(
     t: int | torch.Tensor,
     partition: Partition,
     batch_size: int = 8,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Score blending: the denoiser's prediction for the whole volume from its predictions on slabs.
 
@@ -235,21 +239,32 @@ def blend(
     volume does not grow with depth. The ``k`` outputs of each slab are scattered back to
     their slices; where slabs overlap, the predictions are averaged.
 
+    Slab-parallel (``bundle.workflows.distributed``): every process cuts the partition into the
+    same batches and runs those with ``i % world == rank``; ``reduce`` (an all-reduce sum) adds the
+    other processes' sums before the average, so every process gets the whole blend.
+
     Args:
         denoiser: the denoiser contract (``bundle.networks.SlabDenoiser`` or any callable).
         x_t: the noisy volume ``(Z, H, W)``.
         t: the (integer) diffusion time, a Python int or a 0-d tensor.
         partition: slabs covering all Z slices.
         batch_size: slabs per denoiser call.
+        shard: ``(rank, world)``: the share of the batches this process runs; ``(0, 1)``: all of them.
+        reduce: maps this process's sum of slab predictions ``(Z, H, W)`` to the sum over all
+            processes; needed when ``world > 1``.
 
     Returns:
         The blended prediction ``(Z, H, W)`` in ``x_t``'s dtype.
 
     Raises:
-        ValueError: the partition leaves a slice uncovered or indexes past the volume.
+        ValueError: the partition leaves a slice uncovered or indexes past the volume, or a
+            shard of several processes has no ``reduce``.
     """
     if x_t.ndim != 3:
         raise ValueError(f"expected a volume (Z, H, W), got shape {tuple(x_t.shape)}")
+    rank, world = shard
+    if not 0 <= rank < world or (world > 1 and reduce is None):
+        raise ValueError(f"shard (rank, world) = {shard} needs 0 <= rank < world, and a reduce when world > 1")
     depth = x_t.shape[0]
     if len(partition) and int(partition.slabs.max()) >= depth:
         raise ValueError(f"the partition indexes slice {int(partition.slabs.max())} of a {depth}-slice volume")
@@ -258,11 +273,15 @@ def blend(
         raise ValueError(f"the partition leaves slices {torch.nonzero(count == 0).flatten().tolist()} uncovered")
     out = torch.zeros_like(x_t)
     t = torch.as_tensor(t, device=x_t.device).long().reshape(())
-    for slabs in partition.batches(batch_size):
+    for i, slabs in enumerate(partition.batches(batch_size)):
+        if i % world != rank:
+            continue  # another process's batch
         b, k = slabs.shape
         index = slabs.flatten().to(x_t.device)
         x = x_t.index_select(0, index).reshape(b, k, *x_t.shape[1:])
         sep = torch.full((b,), partition.separation, dtype=torch.long, device=x_t.device)
         eps = denoiser(x, t.expand(b), sep)
         out.index_add_(0, index, eps.reshape(b * k, *x_t.shape[1:]).to(out.dtype))
+    if reduce is not None:
+        out = reduce(out)
     return out.div_(count.to(device=out.device, dtype=out.dtype).reshape(-1, 1, 1))

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 
 from bundle.precision import autocast as bf16_autocast
-from bundle.recon.partitions import Denoiser, PartitionSchedule, blend
+from bundle.recon import partitions
+from bundle.recon.partitions import Blend, Denoiser, PartitionSchedule
 
 __all__ = ["ddim_timesteps", "sample"]
 
@@ -38,6 +39,7 @@ def sample(
     progress: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     start_step: int = 0,
+    blend: Blend = partitions.blend,
 ) -> torch.Tensor:
     """Reconstruct a volume with DiffusionBlend(++) (Song et al., NeurIPS 2024, Algorithm 1, DDS-style).
 
@@ -67,6 +69,8 @@ def sample(
         on_step: optional observer ``on_step(step, x0)`` (e.g. for figures); it cannot change the result.
         start_step: index of the first DDIM step; ``x_T`` is then the volume at that step's
             noise level (a warm start, see ``DiffusionBlendInferer.start_volume``); 0 starts from pure noise.
+        blend: score blending, ``blend(denoiser, x_t, t, partition, batch_size) -> eps``
+            (``bundle.recon.partitions.blend``; or one that shares the slabs among processes).
 
     Returns:
         The final estimate x0 after data consistency as the image ``(Z, H, W)``, clipped to the

@@ -44,6 +44,7 @@ from bundle.recon.method import ReconstructionMethod
 from bundle.recon.posterior import Posterior, draw_samples
 from bundle.settings import as_bool, check_device, setting_number
 from bundle.transforms.layout import to_zhw
+from bundle.workflows.distributed import DistributedRun
 from bundle.workflows.outputs import OUTPUT_SUFFIXES, publish, save_volume, staging_folder
 from bundle.workflows.priors import Priors
 from bundle.workflows.profiling import CountedNetwork, Profile
@@ -103,6 +104,8 @@ class Reconstruction:
         input_dir, datalist, datalist_key: every volume and sinogram of a folder, or the entries of a
             datalist's list, instead of ``input_path`` (:func:`bundle.workflows.sources.list_inputs`).
         postprocessing: maps ``{"image", "pred", "std"}`` back to the input's grid; default :func:`default_postprocessing`.
+        distributed: how the processes of a ``torchrun`` share the work (``configs/multi_gpu_inference.json``,
+            :class:`bundle.workflows.distributed.DistributedRun`); default: one process does all of it.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class Reconstruction:
         datalist: str | Path | None = None,
         datalist_key: str = "testing",
         postprocessing: Callable[[dict], dict] | None = None,
+        distributed: DistributedRun | None = None,
     ) -> None:
         if input_kind not in INPUT_KINDS:
             raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {input_kind!r}")
@@ -151,6 +155,7 @@ class Reconstruction:
         self.memory_limit = memory_limit_bytes(memory_limit_gb)
         self.priors = Priors(network, ckpt_path, network_2d, ckpt_path_2d)
         self.output_dir, self.preprocessing, self.postprocessing = Path(output_dir), preprocessing, postprocessing
+        self.distributed = distributed if distributed is not None else DistributedRun()
         self.inferer, self.device, self.backend = inferer, check_device(device), backend
         self.save_png = as_bool(save_png, "save_png")
         try:
@@ -166,7 +171,8 @@ class Reconstruction:
         prior = self.priors.for_slab_size(self.inferer.slab_size)
         if prior is not None:
             prior.check(self.inferer.method)
-        dataset = Dataset(items, transform=LoadInput(self.preprocessing, self.allow_implausible, self.memory_limit))
+        share = self.distributed.share(items)  # under torchrun: this process's inputs
+        dataset = Dataset(share, transform=LoadInput(self.preprocessing, self.allow_implausible, self.memory_limit))
         with staging_folder(self.output_dir) as stage:
             network, weights = prior.load(self.device, self.inferer.method) if prior is not None else (None, None)
             results = []
@@ -174,7 +180,10 @@ class Reconstruction:
                 source = make_source(item, self.acquisition, self.mu_max)
                 metrics = self.reconstruct(source, network, weights, stage)
                 results.append({**metrics, "total_seconds": time.perf_counter() - start})
+            results = self.distributed.merge(results, stage)  # under torchrun: every process's, in input order
             summary = results[0] if len(results) == 1 else {"results": results}
+            if not self.distributed.writes:  # process 0 writes the outputs
+                return summary
             save_json(summary, stage / "metrics.json")
             names = [f"{item['name']}{suffix}" for item in items for suffix in OUTPUT_SUFFIXES]
             publish(stage, self.output_dir, names + ["metrics.json"])

@@ -44,6 +44,8 @@ __all__ = [
     "input_name",
     "list_inputs",
     "make_source",
+    "merge_shares",
+    "share_inputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -130,6 +132,23 @@ def list_inputs(
     if twice:
         raise ValueError(f"inputs named {twice} occur more than once: their outputs would overwrite each other")
     return items
+
+
+def share_inputs(items: list[Any], rank: int, world: int) -> list[Any]:
+    """The inputs that process ``rank`` of ``world`` reconstructs when a run shares its inputs: ``i % world == rank``.
+
+    Raises:
+        ValueError: ``rank`` is not in ``[0, world)``.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    return list(items[rank::world])
+
+
+def merge_shares(shares: list[list[Any]]) -> list[Any]:
+    """The results of every process's :func:`share_inputs` share (``shares[rank]``) back in input order."""
+    world = len(shares)
+    return [shares[i % world][i // world] for i in range(sum(len(share) for share in shares))]
 
 
 def _root_cause(err: BaseException) -> BaseException:
