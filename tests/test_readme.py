@@ -96,6 +96,9 @@ def tiny(command: str, work: Path) -> list[str] | None:
                                     "--volumes": volume, "--no_shared": [], "--max_slices": "4", "--steps": "1",
                                     "--views": "4", "--arcs": "none", "--photons": "none", "--tv_weights": "1e-3",
                                     "--methods": ["fbp", "dds2d", "dbpp"], **({"--nfe": "1"} if "--nfe" in argv else {})})
+    if "configs/multi_gpu_evaluate.json" in joined:  # two ranks sharing the cells of two classical methods
+        return with_settings(argv, {"--eval_volumes": f"['{volume}']", "--eval_dir": str(work / "eval_torchrun"),
+                                    "--eval_methods": "['fbp','sirt']", "--eval_settings": "[{'name': '4 views', 'views': 4}]"})
     if "configs/evaluate.json" in joined:
         return with_settings(argv, {"--eval_volumes": f"['{volume}']", "--eval_dir": str(work / "eval"),
                                     "--eval_methods": "['fbp','dbpp']", "--steps": "1",
@@ -106,6 +109,8 @@ def tiny(command: str, work: Path) -> list[str] | None:
         return with_settings(argv, {**small_training, "--datalist": str(work / "data" / "lidc" / "datalist.json"),
                                     "--data_root": str(work / "data" / "lidc"),
                                     "--output_dir": str(work / "runs" / "torchrun")})
+    if "configs/multi_gpu_inference.json" in joined:  # two gloo processes sharing the slabs of one tiny volume
+        return with_settings(argv, {"--output_dir": str(work / "out_torchrun"), "--steps": "2", "--batch_size": "1"})
     if "configs/inference.json" in joined and "--input_dir" in argv:
         return with_settings(argv, {"--output_dir": str(work / "out_folder")})
     if "configs/inference.json" in joined:
