@@ -11,7 +11,7 @@ It drives ``configs/evaluate.json`` (merged over ``configs/inference.json``) thr
 - volumes: the ``test`` list of ``configs/datalist_shared_ct.json`` (the ../shared/data/ct
   volumes the shipped priors were not trained on), plus the ``test`` list of every
   ``--datalist``; ``--volumes`` restricts them by name or gives files directly;
-- methods: ``fbp``, ``sirt``, ``tv`` (a sweep of its weight ``--tv-weights``; the best by
+- methods: ``fbp``, ``sirt``, ``tv`` (a sweep of its weight ``--tv_weights``; the best by
   3D PSNR per volume and setting is ``selected``, every weight is in the table), ``dds2d``,
   ``mbir``, ``fixed``, ``db``, ``dbpp``; a method whose weights file is missing (e.g.
   ``models/model_2d.pt`` for ``dds2d`` / ``mbir``) is not run, and its row says so;
@@ -24,7 +24,8 @@ It drives ``configs/evaluate.json`` (merged over ``configs/inference.json``) thr
 
 Outputs in ``--out``: ``results.csv`` / ``results.json`` (PSNR and SSIM in 3D and per
 orientation, seconds, NFE, peak memory per run), ``results.png`` (bar charts),
-``figures/<volume>_<setting>_{views,diff,zprofile}.png``, each run's reconstruction under
+``figures/<volume>_<setting>_{views,views_bone,diff,zprofile}.png`` (``--window``, default
+soft tissue W400/L40, and the bone window), each run's reconstruction under
 ``<volume>/<setting>/<method>/``, ``benchmark.json`` (the command and its settings), and with
 ``--nfe`` the sweep ``nfe.csv`` / ``nfe.json`` / ``nfe.png`` (PSNR against time, dbpp vs dds2d).
 """
@@ -45,10 +46,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.workflows.evaluation import NFE_COLUMNS, crop_slices, plot_nfe, write_table  # noqa: E402
-from bundle.io import save_json  # noqa: E402
+from bundle.io import atomic_path, save_json  # noqa: E402
 from bundle.recon.inferers import method_slab_size  # noqa: E402
-from bundle.workflows.inference import input_name  # noqa: E402
+from bundle.workflows.evaluation import NFE_COLUMNS, write_table  # noqa: E402
+from bundle.workflows.figures import WINDOWS, plot_nfe, window_range  # noqa: E402
+from bundle.workflows.sources import input_name  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -73,6 +75,15 @@ def _none_or(kind: type, what: str):
         return value
 
     return parse
+
+
+def _window(text: str) -> str:
+    """An argparse type: a window preset or ``W/L`` in HU (``bundle.workflows.figures.window_range``)."""
+    try:
+        window_range(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 _counts = _none_or(int, "a number of views")
@@ -115,7 +126,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ckpt_2d", "--ckpt-2d", type=Path, default=None, help="weights of the 2D prior (default models/model_2d.pt)")
     parser.add_argument("--nfe", type=int, nargs="*", default=[], help="NFE sweep of dbpp vs dds2d at these step counts")
     parser.add_argument("--nfe_setting", "--nfe-setting", default=None, help="setting of the NFE sweep (default: '8 views' if run, else the first)")
-    parser.add_argument("--window", type=float, nargs=2, default=[-1000.0, 1000.0], help="HU window of the figures")
+    parser.add_argument(
+        "--window", type=_window, default="soft_tissue",
+        help=f"grey window of the views figures: {', '.join(WINDOWS)} or W/L in HU, e.g. 400/40 (a bone-window figure is written too)",
+    )
     parser.add_argument("--no_figures", "--no-figures", action="store_true")
     parser.add_argument(
         "--resume", action="store_true",
@@ -141,6 +155,26 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+    return out
+
+
+def crop_slices(path: str | Path, max_slices: int, output_dir: str | Path) -> Path:
+    """The central ``max_slices`` axial slices of a NIfTI volume, written to ``output_dir`` under the same name (affine kept consistent).
+
+    Returns ``path`` itself when the volume has no more slices than that.
+    """
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    depth = image.shape[2]
+    if max_slices < 1:
+        raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+    if depth <= max_slices:
+        return Path(path)
+    start = (depth - max_slices) // 2
+    out = Path(output_dir) / f"{input_name(path)}.nii.gz"
+    with atomic_path(out) as tmp:
+        nib.save(image.slicer[:, :, start:start + max_slices], str(tmp))
     return out
 
 
@@ -223,7 +257,7 @@ def run_evaluation(
         "seed": args.seed,
         "progress": False,
         "evaluation#figures": not args.no_figures,
-        "evaluation#window": list(args.window),
+        "eval_window": args.window,
         "eval_resume": bool(args.resume),
     }
     if args.steps is not None:
@@ -248,7 +282,8 @@ def nfe_sweep(volumes: Sequence[Path], settings: Sequence[dict], args: argparse.
         raise SystemExit(f"--nfe-setting {wanted!r} is not one of the settings {names}")
     setting = settings[names.index(wanted)]
     rows = []
-    for steps in args.nfe:
+    for k, steps in enumerate(args.nfe, start=1):
+        logger.info("NFE sweep, evaluation %d of %d: dbpp and dds2d at %d steps", k, len(args.nfe), steps)
         sub = argparse.Namespace(**{**vars(args), "steps": steps, "no_figures": True})
         for row in run_evaluation(volumes, ["dbpp", "dds2d"], [setting], args.out / "nfe" / f"steps_{steps}", sub):
             rows.append({**row, "steps": steps})

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from bundle.workflows.evaluation import TABLE_COLUMNS, profile_point
+from bundle.workflows.evaluation import TABLE_COLUMNS
 from bundle.networks import SlabDenoiser
 from tests.conftest import ROOT, write_crop
 
@@ -85,7 +86,7 @@ def test_benchmark_table_figures_and_nfe_sweep(setup, tmp_path):
     for name in ("results.png", "nfe.png", "nfe.csv", "benchmark.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     for setting in ("6_views", "90_degrees"):
-        for kind in ("views", "diff", "zprofile"):
+        for kind in ("views", "views_bone", "diff", "zprofile"):
             assert (tmp_path / "figures" / f"crop_{setting}_{kind}.png").stat().st_size > 0
 
     nfe = result["nfe_rows"]
@@ -93,11 +94,14 @@ def test_benchmark_table_figures_and_nfe_sweep(setup, tmp_path):
     assert all(r["setting"] == "6 views" and r["nfe"] == r["steps"] for r in nfe)
 
 
-def test_missing_weights_are_skipped_with_a_note(setup, tmp_path):
+def test_missing_weights_are_skipped_with_a_note(setup, tmp_path, capfd):
     script = _load_script()
     argv = _argv(setup, tmp_path, "--methods", "fbp", "dds2d", "--views", "4", "--arcs", "none", "--photons", "1e5", "--no_figures")
     argv[argv.index("--ckpt_2d") + 1] = str(tmp_path / "model_2d.pt")
     rows = script.main(argv)["rows"]
+    log = "".join(capfd.readouterr())  # the bundle's logging.conf logs to stdout
+    assert "cell 1 of 2: crop | 4 views, 1e5 photons | fbp (time left not known yet)" in log
+    assert re.search(r"cell 2 of 2: crop \| 4 views, 1e5 photons \| dds2d \(about \d+ s left\)", log), log[-2000:]
     assert [(r["setting"], r["method"]) for r in rows] == [("4 views, 1e5 photons", "fbp"), ("4 views, 1e5 photons", "dds2d")]
     assert np.isfinite(rows[0]["psnr_3d"]) and rows[0]["photons"] == 1e5
     assert "psnr_3d" not in rows[1] and "model_2d.pt not found" in rows[1]["note"]
@@ -116,20 +120,13 @@ def test_settings_and_methods_from_options():
         "dbpp",
         {"method": "dbpp", "variant": "mean of 4", "settings": {"samples": 4}},
     ]
+    assert args.window == "soft_tissue" and script.parse_args(["--window", "350/50"]).window == "350/50"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--window", "brain"])  # not a preset nor W/L: argparse names --window
     only_mean = script.make_methods(script.parse_args(["--methods", "fbp", "dbpp", "--samples", "4"]))
     assert only_mean == ["fbp", {"method": "dbpp", "variant": "mean of 4", "settings": {"samples": 4}}]
     if script.SHARED_DATA.is_dir():  # the held-out volume of configs/datalist_shared_ct.json
         assert [v.name for v in script.find_volumes(script.parse_args([]))] == ["ts_example_ct_abdomen_pelvis_3mm.nii.gz"]
-
-
-def test_profile_point_finds_the_bright_structure_inside_the_body():
-    truth = np.full((5, 40, 40), -1000.0)
-    truth[:, 8:32, 6:34] = 40.0  # the body
-    truth[:, 15, 22] = 1000.0  # a bone inside it
-    truth[:, 0, 5] = 3000.0  # a bright border artefact in the air
-    truth[:, 9, 7] = 2000.0  # bright, but its neighbourhood leaves the body
-    assert profile_point(truth) == (15, 22)
-    assert profile_point(np.full((3, 8, 8), -1000.0)) == (0, 0)  # no body: falls back to every point
 
 
 def test_resume_reuses_exactly_matching_runs_only(setup, tmp_path):

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from bundle.recon.partitions import Denoiser, Partition, blend
+from bundle.workflows.ranks import Ranks
 from bundle.workflows.sources import merge_shares, share_inputs
 
 __all__ = ["PARALLEL", "DistributedRun", "ShardedBlend", "rank_and_world"]
@@ -39,9 +40,8 @@ PARALLEL = ("auto", "slabs", "inputs")
 
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of processes of the default process group; ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    ranks = Ranks.current()
+    return ranks.rank, ranks.world
 
 
 class ShardedBlend:
