@@ -161,7 +161,7 @@ def _device(name: str, value: Any) -> str:
 
 #: Request settings: name -> parser (raises ValueError naming the setting and its range).
 #: ``views`` and ``step_degrees`` set the number of views; the size guard bounds that number
-#: by memory first and then by :data:`MAX_VIEWS` (:meth:`ReconstructionTask.check_size`).
+#: by memory first and then by :data:`MAX_VIEWS` (:func:`check_request_size`).
 SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "views": lambda n, v: _int(n, v, minimum=1),
     "arc_degrees": lambda n, v: _float(n, v, 0.0, 360.0),
@@ -282,6 +282,82 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def check_request_size(kind: str, parser: ConfigParser, image: Path, memory_limit_gb: float | None) -> None:
+    """The size guard: refuse a request whose memory estimate exceeds the limit, then one with too many views.
+
+    Runs before anything of the size of the volume or the measurement is allocated: the
+    sizes come from the study's header or its geometry JSON (:func:`request_sizes`).
+
+    Raises:
+        ResourceLimitError: the estimate exceeds the limit; the message names the study,
+            the settings that set the views, the estimate and the limit.
+        HTTPException: 400 for more than :data:`MAX_VIEWS` simulated views.
+    """
+    value = _config_value(parser)
+    method = value("method", "fbp")
+    grid, n_views, n_det, matrix, cause = request_sizes(kind, value, image)
+    if grid is not None:
+        if method not in ("fbp", "sirt", "tv"):  # the diffusion methods run on a padded working volume
+            grid = working_shape(grid, int(value("size_divisor", 1)), int(value("image_size", 0) or 0))
+        estimate = estimate_memory_bytes(
+            grid,
+            min(n_views, ESTIMATED_VIEWS_MAX),
+            n_det,
+            method,
+            batch_size=int(value("batch_size", 16)),
+            slab_size=int(value("slab_size", 3)),
+            samples=int(value("samples", 1)),
+            projector_matrix=matrix,
+        )
+        limit_gb = memory_limit_gb if memory_limit_gb is not None else value("memory_limit_gb")
+        z, h, w = grid
+        what = f"{method} of study {image.name} ({cause}: {_count(n_views)} views, a {z} x {h} x {w} grid)"
+        check_memory(estimate, what, memory_limit_bytes(limit_gb))
+        logger.info("%s: an estimated %.2f GB of memory", what, estimate / GB)
+    if kind == "volume" and n_views > MAX_VIEWS:
+        if cause.startswith("views="):
+            raise _bad(f"views must be <= {MAX_VIEWS}, got {_count(n_views)}")
+        raise _bad(f"{cause} gives {_count(n_views)} views, more than {MAX_VIEWS}: use a larger step_degrees")
+
+def request_sizes(
+    kind: str, value: Callable[..., Any], image: Path
+) -> tuple[tuple[int, int, int] | None, int, int, bool, str]:
+    """``(grid, n_views, n_det, projector_matrix, cause)`` of the request, computed without building any angles.
+
+    ``grid`` is the reconstruction grid ``(Z, H, W)``: a sinogram's geometry grid, or a
+    volume's header grid resampled to ``spacing`` and padded to ``image_size`` and
+    ``size_divisor`` as the config's preprocessing does; None when the header cannot be
+    read (the pipeline's own checks answer then). ``cause`` names the settings that give
+    the views.
+    """
+    if kind == "sinogram":
+        geometry_file = geometry_path_for(image)
+        geometry = load_json(geometry_file)
+        rows, n_views, cols = geometry.sino_shape
+        grid = tuple(int(s) for s in geometry.vol_shape)
+        matrix = getattr(geometry, "det_shape", None) is None
+        return grid, n_views, max(1, rows * cols // grid[0]), matrix, f"its geometry {geometry_file.name}"
+    views, arc, step = value("views", 8), float(value("arc_degrees", 180.0)), float(value("step_degrees", 1.0))
+    try:
+        n_views = planned_views(views, arc, step)
+    except OverflowError:  # arc / step is beyond the floats
+        n_views = 10**309
+    cause = f"views={views}" if arc >= 180.0 else f"arc_degrees={arc:g} at step_degrees={step:g}"
+    header = header_grid(image)
+    if header is None:
+        return None, n_views, 1, True, cause
+    size, zooms = header
+    spacing = [float(s) for s in value("spacing", zooms)]
+    x, y, z = (max(1, math.ceil(n * d / s - 1e-6)) for n, d, s in zip(size, zooms, spacing))
+    grid = working_shape((z, y, x), int(value("size_divisor", 1)), int(value("image_size", 0) or 0))
+    try:  # one view gives the detector of the scan without its angles
+        probe = sparse_view(1, grid, (spacing[2], spacing[1], spacing[0]), beam=value("beam", "parallel"))
+    except ValueError:
+        return None, n_views, 1, True, cause  # the pipeline refuses the geometry itself
+    rows, _, cols = probe.sino_shape
+    return grid, n_views, max(1, rows * cols // grid[0]), getattr(probe, "det_shape", None) is None, cause
+
+
 class ReconstructionTask(InferTask):
     """Reconstruct a study with the bundle's ``configs/inference.json`` and return a NIfTI image.
 
@@ -382,81 +458,6 @@ class ReconstructionTask(InferTask):
         parser["reconstruction#save_png"] = False
         return parser
 
-    def check_size(self, parser: ConfigParser, image: Path) -> None:
-        """The size guard: refuse a request whose memory estimate exceeds the limit, then one with too many views.
-
-        Runs before anything of the size of the volume or the measurement is allocated: the
-        sizes come from the study's header or its geometry JSON (:meth:`_sizes`).
-
-        Raises:
-            ResourceLimitError: the estimate exceeds the limit; the message names the study,
-                the settings that set the views, the estimate and the limit.
-            HTTPException: 400 for more than :data:`MAX_VIEWS` simulated views.
-        """
-        value = _config_value(parser)
-        method = value("method", "fbp")
-        grid, n_views, n_det, matrix, cause = self._sizes(value, image)
-        if grid is not None:
-            if method not in ("fbp", "sirt", "tv"):  # the diffusion methods run on a padded working volume
-                grid = working_shape(grid, int(value("size_divisor", 1)), int(value("image_size", 0) or 0))
-            estimate = estimate_memory_bytes(
-                grid,
-                min(n_views, ESTIMATED_VIEWS_MAX),
-                n_det,
-                method,
-                batch_size=int(value("batch_size", 16)),
-                slab_size=int(value("slab_size", 3)),
-                samples=int(value("samples", 1)),
-                projector_matrix=matrix,
-            )
-            limit_gb = self.memory_limit_gb if self.memory_limit_gb is not None else value("memory_limit_gb")
-            z, h, w = grid
-            what = f"{method} of study {image.name} ({cause}: {_count(n_views)} views, a {z} x {h} x {w} grid)"
-            check_memory(estimate, what, memory_limit_bytes(limit_gb))
-            logger.info("%s: an estimated %.2f GB of memory", what, estimate / GB)
-        if self.kind == "volume" and n_views > MAX_VIEWS:
-            if cause.startswith("views="):
-                raise _bad(f"views must be <= {MAX_VIEWS}, got {_count(n_views)}")
-            raise _bad(f"{cause} gives {_count(n_views)} views, more than {MAX_VIEWS}: use a larger step_degrees")
-
-    def _sizes(
-        self, value: Callable[..., Any], image: Path
-    ) -> tuple[tuple[int, int, int] | None, int, int, bool, str]:
-        """``(grid, n_views, n_det, projector_matrix, cause)`` of the request, computed without building any angles.
-
-        ``grid`` is the reconstruction grid ``(Z, H, W)``: a sinogram's geometry grid, or a
-        volume's header grid resampled to ``spacing`` and padded to ``image_size`` and
-        ``size_divisor`` as the config's preprocessing does; None when the header cannot be
-        read (the pipeline's own checks answer then). ``cause`` names the settings that give
-        the views.
-        """
-        if self.kind == "sinogram":
-            geometry_file = geometry_path_for(image)
-            geometry = load_json(geometry_file)
-            rows, n_views, cols = geometry.sino_shape
-            grid = tuple(int(s) for s in geometry.vol_shape)
-            matrix = getattr(geometry, "det_shape", None) is None
-            return grid, n_views, max(1, rows * cols // grid[0]), matrix, f"its geometry {geometry_file.name}"
-        views, arc, step = value("views", 8), float(value("arc_degrees", 180.0)), float(value("step_degrees", 1.0))
-        try:
-            n_views = planned_views(views, arc, step)
-        except OverflowError:  # arc / step is beyond the floats
-            n_views = 10**309
-        cause = f"views={views}" if arc >= 180.0 else f"arc_degrees={arc:g} at step_degrees={step:g}"
-        header = header_grid(image)
-        if header is None:
-            return None, n_views, 1, True, cause
-        size, zooms = header
-        spacing = [float(s) for s in value("spacing", zooms)]
-        x, y, z = (max(1, math.ceil(n * d / s - 1e-6)) for n, d, s in zip(size, zooms, spacing))
-        grid = working_shape((z, y, x), int(value("size_divisor", 1)), int(value("image_size", 0) or 0))
-        try:  # one view gives the detector of the scan without its angles
-            probe = sparse_view(1, grid, (spacing[2], spacing[1], spacing[0]), beam=value("beam", "parallel"))
-        except ValueError:
-            return None, n_views, 1, True, cause  # the pipeline refuses the geometry itself
-        rows, _, cols = probe.sino_shape
-        return grid, n_views, max(1, rows * cols // grid[0]), getattr(probe, "det_shape", None) is None, cause
-
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:  # type: ignore[override]
         """Reconstruct ``request["image"]`` (a path: MONAI Label resolves study ids) with the request's settings.
 
@@ -479,7 +480,7 @@ class ReconstructionTask(InferTask):
             out_dir = Path(tmp)
             try:
                 parser = self._parser(settings, image, out_dir)
-                self.check_size(parser, image)
+                check_request_size(self.kind, parser, image, self.memory_limit_gb)
                 reconstruction = parser.get_parsed_content("reconstruction", instantiate=True)
                 reconstruction.run()
             except HTTPException:

@@ -260,6 +260,7 @@ def gradient3d_adjoint(g: torch.Tensor, weights: Sequence[float] = (1.0, 1.0, 1.
     return out
 
 
+# One function on purpose: ADMM's four numbered updates read as the algorithm (a little over ~50 lines).
 def tv_reconstruct(
     sinogram: torch.Tensor,
     A: OperatorOrGeometry,

@@ -24,6 +24,7 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int) -> torch.Tensor:
     return torch.linspace(num_train_timesteps - 1, 0, num_steps).round().long()
 
 
+# One function on purpose, longer than the package's ~50 lines: its numbered steps are the algorithm.
 @torch.no_grad()
 def sample(
     denoiser: Denoiser,

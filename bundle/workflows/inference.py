@@ -108,6 +108,7 @@ class Reconstruction:
             :class:`bundle.workflows.distributed.DistributedRun`); default: one process does all of it.
     """
 
+    # One argument per setting of configs/inference.json, so the signature is long; the body is short.
     def __init__(
         self,
         input_path: str | Path | None,
