@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,18 +141,32 @@ class SlabDiffusionInferer(DiffusionInferer):
 
 
 class StopAfterIterations:
-    """Stop the engine once ``iterations`` iterations are done (0: never), as an interruption would.
+    """Stop the engine once ``iterations`` iterations are done, or ``seconds`` after it started (0: never).
 
-    The run ends through ignite's ``terminate``, so the final checkpoint is written and a later
-    run resumes from it; used to split a long run into sessions and to test resumption.
+    The run ends through ignite's ``terminate``, as an interruption would, so the final
+    checkpoint and weights are written and a later run resumes from them; used to split a long
+    run into sessions, to fit a leg into a time slot (a lent GPU's minutes) and to test resumption.
     """
 
-    def __init__(self, iterations: int = 0) -> None:
+    def __init__(self, iterations: int = 0, seconds: float = 0.0) -> None:
         self.iterations = int(iterations)
+        self.seconds = float(setting_number("stop_after_seconds", seconds, 0.0))
+        self._start = 0.0
 
     def attach(self, engine: Engine) -> None:
         if self.iterations > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(once=self.iterations), lambda e: e.terminate())
+        if self.seconds > 0:
+            engine.add_event_handler(Events.STARTED, self._started)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._check_time)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.monotonic()
+
+    def _check_time(self, engine: Engine) -> None:
+        if time.monotonic() - self._start >= self.seconds:
+            logger.info(f"stop_after_seconds {self.seconds:g}: stopping at iteration {engine.state.iteration}")
+            engine.terminate()
 
 
 class ResumeCheckpointLoader(CheckpointLoader):
