@@ -31,6 +31,8 @@ anything else. The server keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -49,6 +51,7 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from bundle.physics.geometry import load_json, sparse_view
+from bundle.physics.acquisition import Acquisition
 from bundle.limits import GB, ResourceLimitError, check_memory, estimate_memory_bytes, memory_limit_bytes
 from bundle.recon.inferers import METHODS
 from bundle.recon.padding import working_shape
@@ -177,8 +180,8 @@ SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "device": _device,
 }
 
-#: The settings that describe the simulated measurement (meaningless for a measured sinogram).
-MEASUREMENT_SETTINGS = ("views", "arc_degrees", "step_degrees", "photons")
+#: The settings of a simulated scan: a sinogram study has none of them (one definition: ``Acquisition``).
+MEASUREMENT_SETTINGS = tuple(field.name for field in dataclasses.fields(Acquisition))
 
 
 def resolve_device(name: str) -> torch.device:
