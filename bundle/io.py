@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["atomic_path", "file_sha256", "orthogonal_cuts", "save_figure", "save_json", "save_nifti", "save_orthogonal_views"]
+__all__ = ["atomic_path", "file_sha256", "orthogonal_cuts", "save_figure", "save_json", "save_nifti"]
 
 
 @contextmanager
@@ -119,41 +119,6 @@ def orthogonal_cuts(shape: Sequence[int]) -> dict[str, Callable[[np.ndarray], np
         "coronal": lambda v: v[::-1, y, ::-1],
         "sagittal": lambda v: v[::-1, ::-1, x],
     }
-
-
-def save_orthogonal_views(
-    volumes: Sequence[tuple[str, torch.Tensor | np.ndarray]],
-    path: str | Path,
-    vmin: float = 0.0,
-    vmax: float = 1.0,
-    title: str | None = None,
-) -> Path:
-    """A PNG with one row per volume: its central axial, coronal and sagittal slices.
-
-    Args:
-        volumes: ``(label, volume)`` pairs, volumes ``(Z, H, W)`` (e.g. reconstruction and ground truth).
-        path: the PNG to write (atomically).
-        vmin: grey level of black.
-        vmax: grey level of white.
-        title: optional figure title.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(volumes), 3, figsize=(9, 3 * len(volumes)), squeeze=False)
-    for row, (label, volume) in enumerate(volumes):
-        v = _numpy(volume).astype(np.float32)
-        for col, (name, cut) in enumerate(orthogonal_cuts(v.shape).items()):
-            ax = axes[row, col]
-            ax.imshow(cut(v), cmap="gray", vmin=vmin, vmax=vmax, aspect="auto" if name != "axial" else "equal")
-            ax.set_title(f"{label}: {name}", fontsize=9)
-            ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 def file_sha256(path: str | Path) -> str:

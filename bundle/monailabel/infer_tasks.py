@@ -51,7 +51,7 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from bundle.physics.geometry import load_json, sparse_view
-from bundle.physics.acquisition import Acquisition
+from bundle.physics.acquisition import Acquisition, is_limited_angle
 from bundle.limits import GB, ResourceLimitError, check_memory, estimate_memory_bytes, memory_limit_bytes
 from bundle.recon.inferers import METHODS
 from bundle.recon.padding import working_shape
@@ -345,7 +345,7 @@ def request_sizes(
         n_views = planned_views(views, arc, step)
     except OverflowError:  # arc / step is beyond the floats
         n_views = 10**309
-    cause = f"views={views}" if arc >= 180.0 else f"arc_degrees={arc:g} at step_degrees={step:g}"
+    cause = f"arc_degrees={arc:g} at step_degrees={step:g}" if is_limited_angle(arc) else f"views={views}"
     header = header_grid(image)
     if header is None:
         return None, n_views, 1, True, cause

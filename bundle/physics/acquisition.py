@@ -20,16 +20,21 @@ from bundle.physics.operators.base import LinearOperator
 from bundle.physics.simulation import MU_MAX, simulate_sinogram
 from bundle.settings import setting_number
 
-__all__ = ["BEAMS", "Acquisition", "detector_bins", "make_geometry", "planned_views"]
+__all__ = ["BEAMS", "Acquisition", "detector_bins", "is_limited_angle", "make_geometry", "planned_views"]
 
 #: The beams a simulated scan can have (cone beam needs a GPU backend).
 BEAMS: tuple[str, ...] = ("parallel", "fan", "cone")
 _NULL = (None, "", "null", "None", "none")
 
 
+def is_limited_angle(arc_degrees: float) -> bool:
+    """The one rule: an arc below 180 degrees is a limited-angle scan, anything else sparse view."""
+    return float(arc_degrees) < 180.0
+
+
 def planned_views(views: int, arc_degrees: float = 180.0, step_degrees: float = 1.0) -> int:
     """The number of views :func:`make_geometry` gives, computed without building any angles."""
-    if arc_degrees >= 180.0:
+    if not is_limited_angle(arc_degrees):
         return int(views)
     return max(1, int(round(arc_degrees / step_degrees)))
 
@@ -43,7 +48,7 @@ def make_geometry(
     beam: str = "parallel",
 ) -> Geometry:
     """Sparse view (``views`` angles) for ``arc_degrees >= 180``, else limited angle (``arc_degrees`` at ``step_degrees``)."""
-    if arc_degrees >= 180.0:
+    if not is_limited_angle(arc_degrees):
         return sparse_view(int(views), vol_shape, voxel_size, beam=beam)
     return limited_angle(float(arc_degrees), float(step_degrees), vol_shape, voxel_size, beam=beam)
 
@@ -92,7 +97,7 @@ class Acquisition:
     @property
     def limited_angle(self) -> bool:
         """Whether the scan covers less than 180 degrees (then ``step_degrees`` sets the views)."""
-        return self.arc_degrees < 180.0
+        return is_limited_angle(self.arc_degrees)
 
     @property
     def n_views(self) -> int:

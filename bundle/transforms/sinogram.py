@@ -20,9 +20,10 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-from bundle.physics.geometry import Geometry, SourceGrid, check_angles, limited_angle, load_json, sparse_view
+from bundle.physics.acquisition import Acquisition
+from bundle.physics.geometry import Geometry, SourceGrid, check_angles, load_json
 from bundle.physics.operators import make_operator
-from bundle.physics.simulation import MU_MAX, check_line_integrals, simulate_sinogram
+from bundle.physics.simulation import MU_MAX, check_line_integrals
 from bundle.settings import as_bool
 from bundle.transforms.layout import to_zhw, voxel_size_zhw
 
@@ -236,12 +237,13 @@ def load_sinogram(
 class SimulateSinogramd(Randomizable, MapTransform):
     """Simulate a sinogram from a normalised channel-first volume ``(1, X, Y, Z)``.
 
-    The geometry is built from the image's shape and spacing (MetaTensor pixdim, or
-    ``voxel_size``): ``sparse_view(n_views, ...)``, or ``limited_angle(arc_degrees,
-    step_degrees, ...)`` when ``arc_degrees`` is set. Stores the sinogram (float32 tensor of
-    ``geometry.sino_shape``) under ``sinogram_key`` and the geometry under ``geometry_key``.
-    Noise (when ``photons`` is set) is seeded from the transform's random state
-    (``set_random_state``), so a seeded pipeline is reproducible.
+    The scan is an :class:`bundle.physics.acquisition.Acquisition` (checked on construction,
+    each error naming its setting), whose geometry is built from the image's shape and spacing
+    (MetaTensor pixdim, or ``voxel_size``): ``n_views`` angles, or a limited-angle scan of
+    ``arc_degrees`` at ``step_degrees`` when ``arc_degrees`` is set below 180. Stores the
+    sinogram (float32 tensor of ``geometry.sino_shape``) under ``sinogram_key`` and the geometry
+    under ``geometry_key``. Noise (when ``photons`` is set) is seeded from the transform's random
+    state (``set_random_state``), so a seeded pipeline is reproducible.
 
     Args:
         keys: the one key of the normalised image.
@@ -249,14 +251,13 @@ class SimulateSinogramd(Randomizable, MapTransform):
         geometry_key: output key of the geometry.
         n_views: views of the sparse-view scan.
         beam: ``"parallel"`` or ``"fan"`` (or ``"cone"`` where a GPU backend exists).
-        arc_degrees: if set, a limited-angle scan over this arc ...
-        step_degrees: ... at this angular step.
+        arc_degrees: if set, the scanned arc (below 180: a limited-angle scan ...
+        step_degrees: ... at this angular step).
         photons: incident photons per ray (``None``: noiseless).
         electronic_noise: electronic noise standard deviation in counts.
         mu_max: attenuation (1/mm) of normalised value 1.
         voxel_size: ``(dz, dy, dx)`` in mm, overriding the image's spacing.
         backend: projector backend for :func:`bundle.physics.operators.make_operator`.
-        geometry_kwargs: extra factory arguments (``det_count``, ``source_origin``, ...).
         allow_missing_keys: skip a missing key.
     """
 
@@ -274,19 +275,17 @@ class SimulateSinogramd(Randomizable, MapTransform):
         mu_max: float = MU_MAX,
         voxel_size: Optional[Sequence[float]] = None,
         backend: str = "auto",
-        geometry_kwargs: Optional[dict[str, Any]] = None,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"SimulateSinogramd takes exactly one image key, got {self.keys}")
         self.sinogram_key, self.geometry_key = sinogram_key, geometry_key
-        self.n_views, self.beam = int(n_views), beam
-        self.arc_degrees, self.step_degrees = arc_degrees, step_degrees
-        self.photons, self.electronic_noise, self.mu_max = photons, electronic_noise, mu_max
+        arc = 180.0 if arc_degrees is None else arc_degrees
+        self.acquisition = Acquisition(n_views, arc, step_degrees, beam, photons, electronic_noise)
+        self.mu_max = mu_max
         self.voxel_size = tuple(voxel_size) if voxel_size is not None else None
         self.backend = backend
-        self.geometry_kwargs = dict(geometry_kwargs or {})
         self._seed = 0
 
     def randomize(self, data: Any = None) -> None:
@@ -295,9 +294,7 @@ class SimulateSinogramd(Randomizable, MapTransform):
 
     def geometry_for(self, vol_shape: Sequence[int], voxel_size: Sequence[float]) -> Geometry:
         """The geometry this transform builds for a ``(Z, H, W)`` volume."""
-        if self.arc_degrees is not None:
-            return limited_angle(self.arc_degrees, self.step_degrees, vol_shape, voxel_size, beam=self.beam, **self.geometry_kwargs)
-        return sparse_view(self.n_views, vol_shape, voxel_size, beam=self.beam, **self.geometry_kwargs)
+        return self.acquisition.geometry(vol_shape, voxel_size)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -311,9 +308,7 @@ class SimulateSinogramd(Randomizable, MapTransform):
             geometry = self.geometry_for(tuple(vol.shape), voxel)
             op = make_operator(geometry, backend=self.backend, device=vol.device)
             gen = torch.Generator(device=vol.device).manual_seed(self._seed)
-            d[self.sinogram_key] = simulate_sinogram(
-                vol, op, photons=self.photons, electronic_noise=self.electronic_noise, generator=gen, mu_max=self.mu_max
-            )
+            d[self.sinogram_key] = self.acquisition.simulate(vol, op, generator=gen, mu_max=self.mu_max)
             d[self.geometry_key] = geometry
         return d
 

@@ -32,16 +32,10 @@ from bundle.recon.partitions import Denoiser, Partition, blend
 from bundle.workflows.ranks import Ranks
 from bundle.workflows.sources import merge_shares, share_inputs
 
-__all__ = ["PARALLEL", "DistributedRun", "ShardedBlend", "rank_and_world"]
+__all__ = ["PARALLEL", "DistributedRun", "ShardedBlend"]
 
 #: The ways a run shares its work among processes.
 PARALLEL = ("auto", "slabs", "inputs")
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes of the default process group; ``(0, 1)`` without one."""
-    ranks = Ranks.current()
-    return ranks.rank, ranks.world
 
 
 class ShardedBlend:
@@ -70,7 +64,8 @@ class ShardedBlend:
     ) -> torch.Tensor:
         if not self.enabled or not dist.is_initialized():
             return blend(denoiser, x_t, t, partition, batch_size)
-        return blend(denoiser, x_t, t, partition, batch_size, shard=rank_and_world(), reduce=self._all_reduce)
+        ranks = Ranks.current()
+        return blend(denoiser, x_t, t, partition, batch_size, shard=(ranks.rank, ranks.world), reduce=self._all_reduce)
 
     def _all_reduce(self, total: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
@@ -83,7 +78,7 @@ class ShardedBlend:
         return total
 
     def __repr__(self) -> str:
-        return f"ShardedBlend(processes={rank_and_world()[1] if self.enabled else 1})"
+        return f"ShardedBlend(processes={Ranks.current().world if self.enabled else 1})"
 
 
 class DistributedRun:
@@ -107,11 +102,12 @@ class DistributedRun:
     @property
     def writes(self) -> bool:
         """Whether this process writes the outputs and ``metrics.json`` (process 0)."""
-        return rank_and_world()[0] == 0
+        return Ranks.current().is_main
 
     def share(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The inputs this process reconstructs: all of them when the slabs are shared, else its share."""
-        rank, world = rank_and_world()
+        ranks = Ranks.current()
+        rank, world = ranks.rank, ranks.world
         self.mode = self.parallel if self.parallel != "auto" else ("inputs" if len(items) > 1 else "slabs")
         if self.blend is not None:
             self.blend.enabled = self.mode == "slabs"
@@ -123,7 +119,8 @@ class DistributedRun:
         With the inputs shared, the other processes move the files they staged into process 0's
         ``stage`` before this returns (a collective call: every process calls it).
         """
-        rank, world = rank_and_world()
+        ranks = Ranks.current()
+        rank, world = ranks.rank, ranks.world
         if world == 1:
             return results
         if self.mode == "inputs":
