@@ -120,6 +120,31 @@ def test_augmentation_overlay_moves_whole_slabs_and_keeps_air_outside() -> None:
         assert not torch.equal(slab, torch.as_tensor(plain))
 
 
+def test_intensity_overlay_scales_and_blurs_whole_slabs_and_keeps_air() -> None:
+    """configs/train_intensity.json: a mild attenuation scale and an in-plane blur, one draw per slab."""
+    from monai.bundle import ConfigParser
+
+    from tests.conftest import ROOT
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / n) for n in ("train.json", "train_augment.json", "train_intensity.json")])
+    parser.update({"bundle_root": str(ROOT), "augment_prob": 0.0, "intensity_scale_prob": 1.0, "smooth_prob": 1.0, "smooth_sigma": [0.8, 0.8]})
+    chain = parser.get_parsed_content("slab_transforms").set_random_state(5)
+    tracked = {type(r).__name__ for r in RandomStates([chain])._randomizables}
+    assert {"RandScaleIntensityd", "RandGaussianSmoothd"} <= tracked  # checkpointed with the rest
+    vol = torch.zeros(1, 48, 48, 9)
+    vol[:, 8:40, 12:36] = 0.5
+    scale = float(parser["intensity_scale"])
+    for _ in range(4):
+        slab = torch.as_tensor(chain({"image": vol})[0]["image"])
+        assert torch.equal(slab[0], slab[1]) and torch.equal(slab[0], slab[2])  # one draw for the slab
+        assert float(slab[:, 0, 0].max()) == -1.0  # air stays air: scaling keeps 0 and the blur is local
+        centre = (float(slab[0, 24, 24]) + 1) / 2  # back to the normalised attenuation
+        assert abs(centre / 0.5 - 1) <= scale + 1e-4 and abs(centre / 0.5 - 1) > 0
+        edge = (slab[0, 24] + 1) / 2  # a row across the box's edge (the flip may mirror it)
+        assert ((edge > 0.01) & (edge < 0.45)).any()  # the step is blurred, not sharp
+
+
 def test_slab_dataset_weights_volumes_and_drops_the_weight_from_slabs() -> None:
     small = [dict(volume(6), weight=0.25) for _ in range(3)]
     ds = SlabDataset([volume(9), *small], RandSlabd("image", slab_size=3), samples_per_volume=8)
