@@ -9,7 +9,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-__all__ = ["SlabDenoiser", "adapt_slab_state_dict", "load_weights"]
+__all__ = ["SlabDenoiser", "adapt_slab_state_dict", "for_inference", "load_weights"]
 
 
 class SlabDenoiser(nn.Module):
@@ -88,6 +88,18 @@ def _per_slab(value: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
     """``value`` as a (B,) tensor on ``x``'s device: a scalar or one-element value is repeated for every slab."""
     value = torch.as_tensor(value, device=x.device)
     return value.reshape(1).expand(x.shape[0]) if value.numel() == 1 else value
+
+
+def for_inference(network: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """``network`` on ``device`` in eval mode with its convolution weights in channels-last memory format.
+
+    Measured by ``scripts/benchmark_step.py`` (one batch of 16 slabs, 128 x 128, 2 CPU threads):
+    the shipped network's forward pass is 1.22 times faster in bf16 and 1.32 times in fp32 this
+    way, with the same result to rounding (the convolutions' outputs follow the weights' layout).
+    A training step is slower in it (0.53 s against 0.47 s, batch 8, bf16), so training keeps
+    the default layout.
+    """
+    return network.to(device).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def load_weights(network: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from bundle.io import file_sha256
-from bundle.networks import load_weights
+from bundle.networks import for_inference, load_weights
 from bundle.recon.inferers import method_slab_size
 
 __all__ = ["Prior", "Priors"]
@@ -75,7 +75,7 @@ class Prior:
             raise ValueError(f"the method needs a prior with slab_size={self.slab_size}, the configured one has {own_k}")
         load_weights(self.network, self.ckpt_path)
         record = {"setting": self.setting, "path": str(self.ckpt_path), "sha256": file_sha256(self.ckpt_path)}
-        return self.network.to(device), record
+        return for_inference(self.network, device), record
 
 
 class Priors:
