@@ -5,11 +5,12 @@
 
 Times the sampler's unit of work, one batch of ``--batch-size`` slabs of 128 x 128 through the
 shipped network (``scripts/benchmark_precision.py::shipped_network``) without gradients, in the
-precision ``mixed_precision: auto`` picks here, for each variant against the bundle as it runs
-(``baseline``), all in one process and interleaved (``--repeats`` rounds of every variant, the
+precision ``mixed_precision: auto`` picks here, for each variant against the network in PyTorch's
+default memory layout (``baseline``), all in one process and interleaved (``--repeats`` rounds of every variant, the
 median kept) so that a change of load on the cores affects them alike:
 
-- ``channels_last``: network and input in ``torch.channels_last`` memory format;
+- ``channels_last``: the network as the bundle runs it, its weights in ``torch.channels_last``
+  memory format (:func:`bundle.networks.for_inference`), the input as the sampler gives it;
 - ``compile``: ``torch.compile(network)`` (inductor; its compile time is reported apart);
 - ``threads_1``: the baseline with one thread (``torch.set_num_threads(1)``), reported per
   thread-second, so that it says whether two processes of one thread would beat one of two.
@@ -22,6 +23,7 @@ alone: other processes on the cores change every number.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark_precision import machine, shipped_network  # noqa: E402
+from bundle.networks import for_inference  # noqa: E402
 from bundle.precision import autocast, resolve_mixed_precision  # noqa: E402
 
 VARIANTS = ("baseline", "channels_last", "compile", "threads_1")
@@ -65,10 +68,7 @@ def make_calls(variants: list[str], network: torch.nn.Module, bf16: bool, batch:
         if name in ("baseline", "threads_1"):
             calls[name] = run(network, x)
         elif name == "channels_last":
-            cl = shipped_network(device, Path("/nonexistent"))
-            cl.load_state_dict(network.state_dict())
-            cl = cl.eval().to(memory_format=torch.channels_last)
-            calls[name] = run(cl, x.contiguous(memory_format=torch.channels_last))
+            calls[name] = run(for_inference(copy.deepcopy(network), device), x)
         elif name == "compile":
             compiled = torch.compile(network)
             setup[name], _ = timed(run(compiled, x))  # the first call compiles

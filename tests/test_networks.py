@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundle.networks import SlabDenoiser, adapt_slab_state_dict, load_weights
+from bundle.networks import SlabDenoiser, adapt_slab_state_dict, for_inference, load_weights
 
 TINY = dict(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
 
@@ -39,6 +39,22 @@ def test_load_weights_round_trip(tmp_path) -> None:
     other = load_weights(SlabDenoiser(slab_size=3, **TINY), tmp_path / "m.pt")
     for a, b in zip(net.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_priors_load_networks_for_inference_in_channels_last_with_the_same_output(tmp_path) -> None:
+    """Prior.load gives the eval-mode, channels-last network; its eps matches the default layout's to rounding."""
+    from bundle.workflows.priors import Priors
+
+    net = SlabDenoiser(slab_size=3, **TINY)
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    loaded, record = Priors(SlabDenoiser(slab_size=3, **TINY), tmp_path / "m.pt").for_method("dbpp").load("cpu", "dbpp")
+    assert not loaded.training and record["path"].endswith("m.pt")
+    convs = [p for p in loaded.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    x, t, s = torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 3])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, t, s), net.eval()(x, t, s), atol=1e-5)
+    assert for_inference(SlabDenoiser(slab_size=1, **TINY)).training is False
 
 
 def test_checkpoint_for_another_slab_size_names_file_and_problem(tmp_path) -> None:
