@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-__all__ = ["SlabDenoiser", "adapt_slab_state_dict", "for_inference", "load_weights"]
+__all__ = ["SlabDenoiser", "adapt_slab_state_dict", "deepen_state_dict", "for_inference", "load_weights"]
 
 
 class SlabDenoiser(nn.Module):
@@ -54,6 +55,7 @@ class SlabDenoiser(nn.Module):
             raise ValueError(f"channels {tuple(channels)} and attention_levels {tuple(attention_levels)} differ in length")
         self.slab_size = int(slab_size)
         self.separations = separations
+        self.num_res_blocks = int(num_res_blocks)
         # each level below the first halves H and W, so both must be divisible by this
         self.size_divisor = 2 ** (len(channels) - 1)
         self.unet = DiffusionModelUNet(
@@ -139,7 +141,10 @@ def load_weights(network: nn.Module, path: str | Path, strict: bool = True) -> n
             details.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
         hint = ""
         if isinstance(network, SlabDenoiser):
-            hint = f"; the network expects slab_size={network.slab_size}, separations={network.separations}"
+            hint = (
+                f"; the network expects slab_size={network.slab_size}, separations={network.separations}, "
+                f"num_res_blocks={network.num_res_blocks}"
+            )
         raise ValueError(f"checkpoint {path} was saved for another network: {'; '.join(details)}{hint}")
     network.load_state_dict(state, strict=strict)
     return network
@@ -195,3 +200,82 @@ def adapt_slab_state_dict(state: dict[str, torch.Tensor], network: SlabDenoiser)
             raise ValueError(f"{key}: source {tuple(value.shape)} does not map onto target {tuple(target.shape)}")
         adapted[key] = value.clone()
     return adapted
+
+
+_BLOCK_KEY = re.compile(r"^unet\.(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
+
+
+def _num_res_blocks(state: dict[str, torch.Tensor]) -> int:
+    """The residual blocks per level of a SlabDenoiser's state (those of its first down block)."""
+    found = {int(m.group(4)) for k in state if (m := _BLOCK_KEY.match(k)) and m.group(1, 2, 3) == ("down", "0", "resnets")}
+    if not found:
+        raise ValueError("not the state dict of a SlabDenoiser (no unet.down_blocks.0.resnets)")
+    return max(found) + 1
+
+
+def deepen_state_dict(state: dict[str, torch.Tensor], network: SlabDenoiser) -> dict[str, torch.Tensor]:
+    """Map the weights of a prior with n residual blocks per level onto ``network``, which has m > n.
+
+    The deeper network computes exactly the function of the shallower one, so it starts where
+    the trained prior stands and its training only adds capacity. Every block of the source is
+    copied; each new block starts as the identity: a new residual block has its last
+    convolution at zero (MONAI's own initialisation of it) and, in the decoder, a skip
+    convolution that passes the decoder's features and drops the encoder's; a new attention
+    block has its output projection at zero. In the encoder the new blocks follow the old
+    ones, so the features they hand to the decoder are the old ones'. In each decoder level
+    the source's first block stays first (it meets the upsampled features of the level
+    below), the new blocks come next and the source's other blocks last, each of them meeting
+    the same encoder features as before.
+
+    Raises:
+        ValueError: the state is not a SlabDenoiser's, the target is not deeper, or another
+            tensor differs in shape.
+    """
+    n, m = _num_res_blocks(state), network.num_res_blocks
+    if m <= n:
+        raise ValueError(f"can only add residual blocks: source has num_res_blocks={n}, target {m}")
+    own = network.state_dict()
+
+    def source_index(kind: str, index: int) -> int | None:
+        """The source block that target block ``index`` copies, or None for a new one."""
+        if kind == "down":
+            return index if index < n else None
+        if index == 0:  # decoder blocks: m + 1 per level in the target, n + 1 in the source
+            return 0
+        return index - (m - n) if index > m - n else None
+
+    deepened = {}
+    for key, target in own.items():
+        match = _BLOCK_KEY.match(key)
+        if match is None:
+            value = state.get(key)
+        else:
+            kind, level, module, index, rest = match.groups()
+            source = source_index(kind, int(index))
+            if source is None:
+                value = _identity_init(key, module, rest, target)
+            else:
+                value = state.get(f"unet.{kind}_blocks.{level}.{module}.{source}.{rest}")
+        if value is None:
+            raise ValueError(f"the source state has no tensor for {key}")
+        if value.shape != target.shape:
+            raise ValueError(f"{key}: source {tuple(value.shape)} does not map onto target {tuple(target.shape)}")
+        deepened[key] = value.clone()
+    return deepened
+
+
+def _identity_init(key: str, module: str, rest: str, fresh: torch.Tensor) -> torch.Tensor:
+    """The initial value of tensor ``rest`` of a new block that makes the block the identity."""
+    if (module == "resnets" and rest.startswith("conv2.")) or (module == "attentions" and rest.startswith("attn.out_proj.")):
+        return torch.zeros_like(fresh)
+    if module == "resnets" and rest == "skip_connection.conv.weight":
+        # decoder block: its input is [decoder features, encoder features]; keep the first
+        out_channels, in_channels = fresh.shape[:2]
+        if in_channels < out_channels or fresh[0, 0].numel() != 1:
+            raise ValueError(f"{key}: a skip convolution of shape {tuple(fresh.shape)} cannot pass its input through")
+        weight = torch.zeros_like(fresh)
+        weight.view(out_channels, in_channels)[:, :out_channels] = torch.eye(out_channels)
+        return weight
+    if module == "resnets" and rest == "skip_connection.conv.bias":
+        return torch.zeros_like(fresh)
+    return fresh  # the rest of a new block keeps the network's own random initialisation

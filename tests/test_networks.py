@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundle.networks import SlabDenoiser, adapt_slab_state_dict, for_inference, load_weights
+from bundle.networks import SlabDenoiser, adapt_slab_state_dict, deepen_state_dict, for_inference, load_weights
 
 TINY = dict(channels=(8, 16), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8)
 
@@ -117,6 +117,37 @@ def test_adapting_to_more_slices_or_another_network_is_refused() -> None:
     wider = SlabDenoiser(slab_size=3, channels=(16, 16), attention_levels=(False, True), num_head_channels=8)
     with pytest.raises(ValueError, match="does not map onto"):
         adapt_slab_state_dict(wider.state_dict(), SlabDenoiser(slab_size=1, **TINY))
+
+
+@pytest.mark.parametrize(("shallow", "deep"), [(1, 2), (1, 3), (2, 3)])
+def test_a_deepened_prior_computes_the_function_of_the_shallow_one(shallow, deep) -> None:
+    source = SlabDenoiser(slab_size=3, num_res_blocks=shallow, **TINY)
+    for p in source.parameters():  # every tensor non-zero, so no block can hide behind MONAI's zero init
+        torch.nn.init.normal_(p, std=0.2)
+    source.eval()
+    target = SlabDenoiser(slab_size=3, num_res_blocks=deep, **TINY).eval()
+    target.load_state_dict(deepen_state_dict(source.state_dict(), target))
+
+    x, t, sep = torch.randn(2, 3, 16, 16), torch.tensor([5, 700]), torch.tensor([1, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(target(x, t, sep), source(x, t, sep), rtol=1e-6, atol=1e-6)
+    assert sum(p.numel() for p in target.parameters()) > sum(p.numel() for p in source.parameters())
+
+    # the new blocks learn: one gradient step moves their zero-initialised last layers
+    target.train()
+    target(x, t, sep).square().mean().backward()
+    new_conv2 = target.unet.down_blocks[0].resnets[deep - 1].conv2.conv.weight
+    assert new_conv2.grad is not None and new_conv2.grad.abs().sum() > 0
+
+
+def test_deepening_to_fewer_blocks_or_from_another_network_is_refused() -> None:
+    deep = SlabDenoiser(slab_size=3, num_res_blocks=2, **TINY)
+    with pytest.raises(ValueError, match="can only add residual blocks"):
+        deepen_state_dict(deep.state_dict(), SlabDenoiser(slab_size=3, num_res_blocks=2, **TINY))
+    with pytest.raises(ValueError, match="not the state dict of a SlabDenoiser"):
+        deepen_state_dict({"weight": torch.zeros(1)}, deep)
+    with pytest.raises(ValueError, match="does not map onto"):
+        deepen_state_dict(SlabDenoiser(slab_size=1, separations=(1,), **TINY).state_dict(), deep)
 
 
 def test_torch_jit_trace_with_the_three_inputs_matches_eager(tmp_path) -> None:

@@ -54,6 +54,21 @@ def test_adapt_prior_turns_the_shipped_slab_prior_into_a_2d_starting_point(tmp_p
     assert network.slab_size == 1 and "slab_size=3" in capsys.readouterr().out
 
 
+def test_adapt_prior_deepens_the_shipped_slab_prior_without_changing_its_output(tmp_path, capsys):
+    out = tmp_path / "deep.pt"
+    argv = [str(ROOT / "models" / "model.pt"), "--slab_size", "3", "--separations", "1", "2", "3", "--num_res_blocks", "2"]
+    assert _adapt_prior_main()([*argv, "--out", str(out)]) == 0
+    assert "num_res_blocks=2" in capsys.readouterr().out
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    shallow = load_weights(parser.get_parsed_content("network_def"), ROOT / "models" / "model.pt").eval()
+    parser["num_res_blocks"] = 2
+    deep = load_weights(parser.get_parsed_content("network_def", lazy=False), out).eval()
+    x, t, sep = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 10]), torch.tensor([1, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, t, sep), shallow(x, t, sep), rtol=1e-5, atol=1e-5)
+
+
 def test_adapt_prior_names_a_source_that_is_not_the_configured_slab_prior(tmp_path, capsys):
     bad = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(3)}, bad)
