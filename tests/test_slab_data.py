@@ -145,6 +145,34 @@ def test_intensity_overlay_scales_and_blurs_whole_slabs_and_keeps_air() -> None:
         assert ((edge > 0.01) & (edge < 0.45)).any()  # the step is blurred, not sharp
 
 
+def test_elastic_overlay_deforms_whole_slabs_smoothly_and_keeps_air() -> None:
+    """configs/train_elastic.json: one smooth random deformation per slab (all k slices alike), air where it pads."""
+    from monai.bundle import ConfigParser
+
+    from tests.conftest import ROOT
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / n) for n in ("train.json", "train_augment.json", "train_elastic.json")])
+    parser.update({"bundle_root": str(ROOT), "augment_prob": 0.0, "elastic_prob": 1.0, "elastic_spacing": 16})
+    chain = parser.get_parsed_content("slab_transforms").set_random_state(7)
+    tracked = {type(r).__name__ for r in RandomStates([chain])._randomizables}
+    assert "Rand2DElasticd" in tracked  # checkpointed with the rest
+    vol = torch.zeros(1, 48, 48, 9)
+    vol[:, 8:40, 12:36] = 0.5
+    box = torch.full((48, 48), -1.0)
+    box[8:40, 12:36] = 0.0
+    moved = 0
+    for _ in range(4):
+        slab = torch.as_tensor(chain({"image": vol})[0]["image"])
+        assert slab.shape == (3, 48, 48)
+        assert torch.equal(slab[0], slab[1]) and torch.equal(slab[0], slab[2])  # one deformation for the slab
+        assert float(slab[:, 0, 0].max()) == -1.0  # corners stay air
+        inside = (slab[0] > -0.5).float().mean()  # the box's area changes by a few percent, not more
+        assert abs(float(inside) - float((box > -0.5).float().mean())) < 0.1
+        moved += not (torch.equal(slab[0], box) or torch.equal(slab[0], box.flip(1)))
+    assert moved == 4
+
+
 def test_slab_dataset_weights_volumes_and_drops_the_weight_from_slabs() -> None:
     small = [dict(volume(6), weight=0.25) for _ in range(3)]
     ds = SlabDataset([volume(9), *small], RandSlabd("image", slab_size=3), samples_per_volume=8)
