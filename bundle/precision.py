@@ -10,12 +10,15 @@ every diffusion method. ``auto`` (the default) turns bf16 on only where it is fa
   57 s for 16 slabs of 128 x 128), so ``auto`` keeps fp32 there.
 
 Only the network runs under autocast; the sampler's own arithmetic (Tweedie estimate, CG,
-re-noise), the projector and the training loss stay fp32.
+re-noise), the projector and the training loss stay fp32. For sampling, the network's weights are
+also held in bf16 (:func:`inference_weights`, a copy): the convolutions then need no cast of their
+weights and the group norms and activations between them stream half the bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from typing import Any
 
@@ -23,7 +26,7 @@ import torch
 
 from bundle.settings import as_bool
 
-__all__ = ["autocast", "cpu_bf16_flags", "native_bf16", "resolve_mixed_precision"]
+__all__ = ["autocast", "cpu_bf16_flags", "inference_weights", "native_bf16", "resolve_mixed_precision"]
 
 _NATIVE_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -72,3 +75,20 @@ def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractCo
     if not enabled or device.type not in ("cpu", "cuda"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def inference_weights(network: Any, enabled: bool) -> Any:
+    """``network`` for sampling under :func:`autocast`: a copy with bf16 floating-point weights when ``enabled``.
+
+    Measured on a 2-thread AMX-BF16 Xeon (dbpp, the shipped prior, 10 steps on 12 slices of the
+    sample): 1.03-1.09 s against 1.10-1.39 s under autocast with fp32 weights, and 2.07-2.13 s in
+    fp32; the PSNR moves by less than 0.01 dB. The caller's network is left as it is (training
+    keeps fp32 master weights); anything that is not a ``torch.nn.Module`` with fp32 weights (an
+    analytic denoiser, a network already in bf16) is returned unchanged, as is every network when
+    not ``enabled``.
+    """
+    if not enabled or not isinstance(network, torch.nn.Module):
+        return network
+    if not any(p.dtype == torch.float32 for p in network.parameters()):
+        return network
+    return copy.deepcopy(network).to(torch.bfloat16)

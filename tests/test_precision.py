@@ -11,7 +11,7 @@ from monai.networks.schedulers import DDPMScheduler
 from bundle.physics.geometry import sparse_view
 from bundle.networks import SlabDenoiser
 from bundle.physics.operators import make_operator
-from bundle.precision import autocast, cpu_bf16_flags, native_bf16, resolve_mixed_precision
+from bundle.precision import autocast, cpu_bf16_flags, inference_weights, native_bf16, resolve_mixed_precision
 from bundle.recon.inferers import make_inferer
 from bundle.workflows.training import SlabDiffusionInferer
 
@@ -84,6 +84,24 @@ def test_bf16_reconstruction_matches_fp32_and_reports_its_precision(problem) -> 
     assert fp32.dtype == bf16.dtype == torch.float32  # the sampler's arithmetic stays fp32
     assert (fp32 - bf16).abs().max() < 0.05
     assert not torch.equal(fp32, bf16)  # bf16 really ran
+
+
+def test_sampling_holds_a_bf16_copy_of_the_weights_and_leaves_the_callers_network_fp32(problem) -> None:
+    network, operator, y = problem
+    copy = inference_weights(network, True)
+    assert copy is not network and {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in network.parameters()} == {torch.float32}
+    assert inference_weights(network, False) is network
+    assert inference_weights(copy, True) is copy  # already bf16: no second copy
+    analytic = lambda x, t, s: torch.zeros_like(x)  # noqa: E731  (not a module: passed through)
+    assert inference_weights(analytic, True) is analytic
+
+    # the sampler's view of it: the same reconstruction as autocast over fp32 weights, to bf16 rounding
+    inferer = make_inferer("dbpp", steps=3, seed=0, batch_size=4, mixed_precision=True)
+    recon = inferer(y, copy, operator)
+    fp32 = make_inferer("dbpp", steps=3, seed=0, batch_size=4, mixed_precision=False)(y, network, operator)
+    assert recon.dtype == torch.float32 and (recon - fp32).abs().max() < 0.05
+    assert {p.dtype for p in network.parameters()} == {torch.float32}  # a bf16 run left the caller's weights alone
 
 
 def test_training_inferer_autocasts_the_network_and_returns_fp32(problem) -> None:

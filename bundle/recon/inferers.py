@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bundle.precision import resolve_mixed_precision
+from bundle.precision import inference_weights, resolve_mixed_precision
 from bundle.recon import partitions
 from bundle.recon.classical import FBPInferer, SIRTInferer, TVInferer
 from bundle.recon.data_consistency import ConjugateGradientDC, ZTVDataConsistency
@@ -227,9 +227,10 @@ class DiffusionBlendInferer(ReconstructionMethod):
         was_training = getattr(network, "training", False)
         if hasattr(network, "eval"):
             network.eval()
+        bf16 = self.precision(inputs.device) == "bf16"
         try:
             recon = sample(
-                network,
+                inference_weights(network, bf16),
                 self.start_volume(padded, crop, operator, inputs.float(), generator),
                 self.schedule,
                 data_consistency,
@@ -238,7 +239,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
                 eta=self.eta,
                 batch_size=self.batch_size,
                 generator=generator,
-                mixed_precision=self.precision(inputs.device) == "bf16",
+                mixed_precision=bf16,
                 progress=self.progress,
                 start_step=self.start_step,
                 blend=self.blend,

@@ -40,6 +40,7 @@ from bundle.metrics import reconstruction_metrics
 from bundle.physics.acquisition import Acquisition, make_geometry, planned_views
 from bundle.physics.operators import make_operator
 from bundle.physics.simulation import MU_WATER, hu_to_normalized, normalized_to_hu
+from bundle.precision import inference_weights
 from bundle.recon.method import ReconstructionMethod
 from bundle.recon.posterior import Posterior, draw_samples
 from bundle.settings import as_bool, check_device, setting_number
@@ -197,7 +198,9 @@ class Reconstruction:
         geometry = source.geometry()
         operator = make_operator(geometry, backend=self.backend, device=self.device)
         y = source.measurements(operator, torch.Generator(device=self.device).manual_seed(self.seed))
-        counted = CountedNetwork(network) if network is not None else None
+        # the counted network is what the sampler sees, so it holds the bf16 weights when bf16 is on
+        bf16 = self.inferer.precision(self.device) == "bf16"
+        counted = CountedNetwork(inference_weights(network, bf16)) if network is not None else None
         with Profile(self.device, counted) as profile:
             posterior = draw_samples(self.inferer, y, counted, operator, range(self.seed, self.seed + self.samples))
         outputs = source.outputs({"pred": posterior.mean, "std": posterior.std}, self._postprocessing())
