@@ -77,6 +77,16 @@ def test_configs_pass_only_known_settings(root, config):
     check_settings(settings)
 
 
+def test_the_evaluation_passes_every_method_setting_of_the_inference_config(root):
+    """A setting that inference reads and the evaluation does not (mixed_precision was one) would be ignored there silently."""
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / name) for name in ("inference.json", "evaluate.json")])
+    inference = {k for k in parser.get("inferer") if not k.startswith("_")}
+    evaluation = set(parser.get("evaluation#inferer_settings"))
+    # the method and seed are set per cell; the blend shards one reconstruction (the evaluation spreads cells over ranks)
+    assert inference - evaluation == {"method", "seed", "blend"}
+
+
 def test_diffusion_inferer_counts_and_is_deterministic(problem):
     operator, y = problem
     torch.manual_seed(0)
