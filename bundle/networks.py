@@ -97,7 +97,8 @@ def for_inference(network: nn.Module, device: torch.device | str = "cpu") -> nn.
 
     Measured by ``scripts/benchmark_step.py`` (one batch of 16 slabs, 128 x 128, 2 CPU threads):
     the shipped network's forward pass is 1.19 times faster in bf16 and 1.26 times in fp32 this
-    way (the input stays as the sampler gives it), with the same result to rounding (the convolutions' outputs follow the weights' layout).
+    way (the input stays as the sampler gives it), with the same result to rounding (the
+    convolutions' outputs follow the weights' layout).
     A training step is slower in it (0.53 s against 0.47 s, batch 8, bf16), so training keeps
     the default layout.
     """

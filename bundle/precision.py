@@ -81,8 +81,8 @@ def inference_weights(network: Any, enabled: bool) -> Any:
     """``network`` for sampling under :func:`autocast`: a copy with bf16 floating-point weights when ``enabled``.
 
     Measured on a 2-thread AMX-BF16 Xeon (dbpp, the shipped prior, 10 steps on 12 slices of the
-    sample): 1.03-1.09 s against 1.10-1.39 s under autocast with fp32 weights, and 2.07-2.13 s in
-    fp32; the PSNR moves by less than 0.01 dB. The caller's network is left as it is (training
+    sample, three interleaved runs each in one process): 1.04-1.09 s against 1.10-1.20 s under
+    autocast with fp32 weights, and 2.04-2.09 s in fp32; the PSNR moves by less than 0.01 dB. The caller's network is left as it is (training
     keeps fp32 master weights); anything that is not a ``torch.nn.Module`` with fp32 weights (an
     analytic denoiser, a network already in bf16) is returned unchanged, as is every network when
     not ``enabled``.

@@ -59,13 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     target_net = _network_def(slab_size=args.slab_size, separations=args.separations)
     try:
         state = adapt_slab_state_dict(source_net.state_dict(), target_net)
-        if args.num_res_blocks is not None and args.num_res_blocks != source_net.num_res_blocks:
-            target_net.load_state_dict(state)
-            shallow_net = target_net
+        if args.num_res_blocks not in (None, source_net.num_res_blocks):
             target_net = _network_def(
                 slab_size=args.slab_size, separations=args.separations, num_res_blocks=args.num_res_blocks
             )
-            state = deepen_state_dict(shallow_net.state_dict(), target_net)
+            state = deepen_state_dict(state, target_net)
     except ValueError as err:
         parser.error(f"{args.source}: {err}")
     target_net.load_state_dict(state)
