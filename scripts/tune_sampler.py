@@ -40,7 +40,7 @@ from bundle.workflows.profiling import Profile
 from bundle.transforms.layout import to_zhw
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_KEYS = ("steps", "eta", "cg_iterations", "cg_lambda", "warm_start", "warm_start_method", "batch_size")
+BASE_KEYS = ("steps", "eta", "timestep_power", "cg_iterations", "cg_lambda", "warm_start", "warm_start_method", "batch_size")
 
 
 def parse_vary(items: list[str]) -> list[tuple[str, list[Any]]]:

@@ -191,6 +191,7 @@ def test_warm_start_starts_from_the_classical_reconstruction(problem):
         ("batch_size", 2.5, "batch_size must be an integer >= 1, got 2.5"),
         ("seed", -1, "seed must be an integer >= 0, got -1"),
         ("warm_start", 1, "warm_start must be a number >= 0 and < 1, got 1"),
+        ("timestep_power", "0.5", "timestep_power must be a number >= 1, got '0.5'"),
     ],
 )
 def test_diffusion_settings_are_read_as_numbers_in_range_naming_the_setting(setting, value, message):

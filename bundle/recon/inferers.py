@@ -111,6 +111,8 @@ class DiffusionBlendInferer(ReconstructionMethod):
         method: the method's name, recorded in the metrics.
         blend: score blending over a partition (``bundle.recon.partitions.blend``; slab-parallel under
             ``torchrun``: ``bundle.workflows.distributed.ShardedBlend``).
+        timestep_power: how the DDIM times are spread, ``t_i = (T-1)(1 - i/(N-1))^p`` with p >= 1
+            (``bundle.recon.sampler.ddim_timesteps``): 1 evenly (the paper's), above 1 denser near t = 0.
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
         warm_start_method: ReconstructionMethod | None = None,
         method: str = "diffusion",
         blend: Blend = partitions.blend,
+        timestep_power: float = 1.0,
     ) -> None:
         super().__init__()
         self.schedule = DiffusionBlendPPSchedule(3, 3) if schedule is None else schedule
@@ -147,6 +150,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
         if self.steps > len(self.alphas_cumprod):
             raise ValueError(f"steps must be <= num_train_timesteps ({len(self.alphas_cumprod)}), got {steps}")
         self.eta = setting_number("eta", eta, 0.0, 1.0)
+        self.timestep_power = float(setting_number("timestep_power", timestep_power, 1.0))
         self.batch_size = setting_number("batch_size", batch_size, 1, integer=True)
         self.seed = setting_number("seed", seed, 0, integer=True)
         self.mixed_precision = mixed_precision
@@ -201,7 +205,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
             return noise
         image = torch.zeros(padded, device=measurements.device)
         image[crop] = self.warm_start_method(measurements, None, operator).to(image).clamp(0, 1)
-        t = int(ddim_timesteps(self.steps, len(self.alphas_cumprod))[self.start_step])
+        t = int(ddim_timesteps(self.steps, len(self.alphas_cumprod), self.timestep_power)[self.start_step])
         a_t = float(self.alphas_cumprod[t])
         return noise.mul_((1 - a_t) ** 0.5).add_(image.mul_(2).sub_(1), alpha=a_t**0.5)
 
@@ -243,6 +247,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
                 progress=self.progress,
                 start_step=self.start_step,
                 blend=self.blend,
+                timestep_power=self.timestep_power,
             )
         finally:
             if was_training and hasattr(network, "train"):
@@ -254,6 +259,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
         return (
             f"DiffusionBlendInferer(method={self.method!r}, schedule={self.schedule!r}, "
             f"data_consistency={_describe(self.data_consistency)}, steps={self.steps}, eta={self.eta}, "
+            f"timestep_power={self.timestep_power}, "
             f"warm_start={self.warm_start}, seed={self.seed}, noise_schedule={self.noise_schedule!r}{shared})"
         )
 
@@ -304,6 +310,7 @@ def diffusion_inferer(
     warm_start: float = 0.0,
     warm_start_method: str = "sirt",
     blend: Blend = partitions.blend,
+    timestep_power: float = 1.0,
 ) -> DiffusionBlendInferer:
     """The diffusion method ``method`` (of :data:`DIFFUSION_METHODS`) from the command line's flat settings.
 
@@ -321,6 +328,7 @@ def diffusion_inferer(
     return DiffusionBlendInferer(
         schedule, data_consistency, noise_schedule, steps, eta, batch_size, seed, mixed_precision, progress,
         image_size, warm_start, CLASSICAL_METHODS[warm_start_method](), method=method, blend=blend,
+        timestep_power=timestep_power,
     )
 
 

@@ -15,13 +15,27 @@ __all__ = ["ddim_timesteps", "sample"]
 DataConsistency = Callable[[torch.Tensor], torch.Tensor]
 
 
-def ddim_timesteps(num_steps: int, num_train_timesteps: int) -> torch.Tensor:
-    """``num_steps`` integer times evenly spread from ``T-1`` down to 0 (long tensor, decreasing)."""
+def ddim_timesteps(num_steps: int, num_train_timesteps: int, power: float = 1.0) -> torch.Tensor:
+    """``num_steps`` integer times from ``T-1`` down to 0 (long tensor, strictly decreasing).
+
+    ``t_i = (T-1) (1 - i/(N-1))^power``, ``power >= 1``: 1 spreads them evenly (the paper's
+    sampler); above 1 they crowd towards t = 0, where the last steps still sharpen the image (2 is a
+    quadratic sequence like DDIM's, Song et al., ICLR 2021). Where rounding would repeat a time,
+    the later-in-sampling ones step up by one, so the times stay distinct and within [0, T-1].
+    """
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    if not power >= 1:  # below 1 the times would crowd at T-1, where distinct ones may not fit
+        raise ValueError(f"timestep_power must be >= 1, got {power}")
     if num_steps == 1:
         return torch.tensor([num_train_timesteps - 1])
-    return torch.linspace(num_train_timesteps - 1, 0, num_steps).round().long()
+    grid = torch.linspace(num_train_timesteps - 1, 0, num_steps)
+    if power != 1:
+        grid = (num_train_timesteps - 1) * (grid.double() / (num_train_timesteps - 1)) ** power
+    times = grid.round().long()
+    # distinct times: t_i = max over j >= i of (t_j + j - i), a suffix maximum of t - rank
+    rank = torch.arange(num_steps - 1, -1, -1)
+    return (times - rank).flip(0).cummax(0).values.flip(0) + rank
 
 
 # One function on purpose, longer than the package's ~50 lines: its numbered steps are the algorithm.
@@ -41,6 +55,7 @@ def sample(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     start_step: int = 0,
     blend: Blend = partitions.blend,
+    timestep_power: float = 1.0,
 ) -> torch.Tensor:
     """Reconstruct a volume with DiffusionBlend(++) (Song et al., NeurIPS 2024, Algorithm 1, DDS-style).
 
@@ -72,6 +87,7 @@ def sample(
             noise level (a warm start, see ``DiffusionBlendInferer.start_volume``); 0 starts from pure noise.
         blend: score blending, ``blend(denoiser, x_t, t, partition, batch_size) -> eps``
             (``bundle.recon.partitions.blend``; or one that shares the slabs among processes).
+        timestep_power: how the DDIM times are spread (:func:`ddim_timesteps`; 1 = evenly).
 
     Returns:
         The final estimate x0 after data consistency as the image ``(Z, H, W)``, clipped to the
@@ -80,7 +96,7 @@ def sample(
     if x_T.ndim != 3:
         raise ValueError(f"expected a start volume (Z, H, W), got shape {tuple(x_T.shape)}")
     alphas_cumprod = alphas_cumprod.to(device=x_T.device, dtype=torch.float64)
-    timesteps = ddim_timesteps(num_steps, len(alphas_cumprod)).tolist()
+    timesteps = ddim_timesteps(num_steps, len(alphas_cumprod), timestep_power).tolist()
     if not 0 <= start_step < len(timesteps):
         raise ValueError(f"start_step must be in [0, {len(timesteps) - 1}], got {start_step}")
     steps = range(start_step, len(timesteps))
