@@ -63,6 +63,7 @@ LONGER = {
     ("recon/sampler.py", "sample"): "the sampler is one function whose numbered steps are the algorithm",
     ("recon/classical.py", "tv_reconstruct"): "ADMM's four numbered updates in one loop, as the algorithm reads",
     ("workflows/inference.py", "__init__"): "one argument per setting of configs/inference.json",
+    ("recon/inferers.py", "__init__"): "one argument per sampler setting, each range-checked where it is stored",
 }
 
 

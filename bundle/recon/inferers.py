@@ -111,8 +111,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
         method: the method's name, recorded in the metrics.
         blend: score blending over a partition (``bundle.recon.partitions.blend``; slab-parallel under
             ``torchrun``: ``bundle.workflows.distributed.ShardedBlend``).
-        timestep_power: how the DDIM times are spread, ``t_i = (T-1)(1 - i/(N-1))^p`` with p >= 1
-            (``bundle.recon.sampler.ddim_timesteps``): 1 evenly (the paper's), above 1 denser near t = 0.
+        timestep_power: the DDIM time grid's exponent p >= 1 (``sampler.ddim_timesteps``; 1: even, >1: denser near 0).
     """
 
     def __init__(
