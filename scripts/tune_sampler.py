@@ -14,6 +14,7 @@ is tuned on the test set and its result is no longer a held-out figure.
 
 Usage:
     python scripts/tune_sampler.py --vary eta=0,0.5,1 --vary steps=20,100
+    python scripts/tune_sampler.py --set data_consistency=ztv --vary tv_lambda=2e-4,1e-3
     python scripts/tune_sampler.py --list test --max-slices 32 --vary cg_iterations=2,10 \\
         --vary warm_start=0.4,0.6 --samples 4 --out eval/diagnosis.csv
 """
@@ -40,7 +41,10 @@ from bundle.workflows.profiling import Profile
 from bundle.transforms.layout import to_zhw
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_KEYS = ("steps", "eta", "timestep_power", "cg_iterations", "cg_lambda", "warm_start", "warm_start_method", "batch_size")
+BASE_KEYS = (
+    "steps", "eta", "timestep_power", "data_consistency", "cg_iterations", "cg_lambda", "admm_iterations", "tv_rho",
+    "tv_lambda", "warm_start", "warm_start_method", "batch_size",
+)
 
 
 def parse_vary(items: list[str]) -> list[tuple[str, list[Any]]]:
@@ -78,6 +82,7 @@ def main() -> None:
     p.add_argument("--views", type=int, default=8)
     p.add_argument("--methods", nargs="+", default=["dbpp"], choices=["dbpp", "db", "fixed"])
     p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2", help="a setting and the values to try")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=V", help="change a base setting (the config's otherwise)")
     p.add_argument("--samples", type=int, nargs="*", default=[], help="posterior means of N samples at the base settings")
     p.add_argument("--tv", type=float, nargs="*", default=[1e-4, 5e-4, 2e-3], help="TV weights to sweep")
     p.add_argument("--seed", type=int, default=0)
@@ -91,10 +96,16 @@ def main() -> None:
     spacing = parser.get_parsed_content("spacing")
     base = {key: parser.get_parsed_content(key) for key in BASE_KEYS}
     network = load_weights(parser.get_parsed_content("network_def"), args.ckpt).eval()
-    varied = parse_vary(args.vary)
-    unknown = [key for key, _ in varied if key not in BASE_KEYS]
-    if unknown:
-        raise SystemExit(f"--vary {unknown}: not a sampler setting; choose from {list(BASE_KEYS)}")
+    varied, changed_base = parse_vary(args.vary), parse_vary(args.set)
+    for flag, items in (("--vary", varied), ("--set", changed_base)):
+        unknown = [key for key, _ in items if key not in BASE_KEYS]
+        if unknown:
+            raise SystemExit(f"{flag} {unknown}: not a sampler setting; choose from {list(BASE_KEYS)}")
+    for key, values in changed_base:
+        if len(values) != 1:
+            raise SystemExit(f"--set {key}: expects one value, got {values}")
+        base[key] = values[0]
+    base_label = "base" + (f" {json.dumps({key: values[0] for key, values in changed_base})}" if changed_base else "")
 
     runs: list[tuple[str, dict[str, Any], int]] = [("fbp", {}, 1)] + [("tv", {"lam": lam}, 1) for lam in args.tv]
     for method in args.methods:
@@ -115,7 +126,7 @@ def main() -> None:
             recon, seconds, nfe = posterior.mean, profile.seconds, posterior.nfe
             changed = {k: v for k, v in settings.items() if base.get(k) != v} if method not in ("fbp", "tv") else settings
             row = {"volume": Path(item["image"]).name, "slices": x.shape[0], "method": method, "samples": samples}
-            row["settings"] = json.dumps(changed) if changed else "base"
+            row["settings"] = json.dumps(changed) if changed else "base" if method in ("fbp", "tv") else base_label
             row.update({k: round(v, 4) for k, v in reconstruction_metrics(recon, x).items()})
             row.update({"seconds": round(seconds, 2), "nfe": nfe})
             rows.append(row)

@@ -98,7 +98,7 @@ def test_default_method_writes_outputs_on_the_input_grid(data, tmp_path):
                                       "photons": None, "electronic_noise": 0.0}
     settings = metrics["method_settings"]
     assert (settings["steps"], settings["eta"], settings["slab_size"]) == (3, 0.85, 3)
-    assert "ConjugateGradientDC(iterations=5" in settings["data_consistency"] and "NoiseSchedule(" in settings["noise_schedule"]
+    assert "ZTVDataConsistency(iterations=5, admm_iterations=1, rho=0.003" in settings["data_consistency"] and "NoiseSchedule(" in settings["noise_schedule"]
     assert metrics["device"] == "cpu" and metrics["precision"] in ("fp32", "bf16")
     assert metrics["memory_kind"] == "cpu_rss" and metrics["nfe"] == 3
 

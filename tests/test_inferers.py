@@ -49,6 +49,18 @@ def test_switch():
         make_inferer("magic")
 
 
+def test_data_consistency_setting_chooses_the_step_of_the_blending_methods():
+    """``data_consistency`` picks CG or z-TV for the slab methods; the 2D methods keep the step they are defined by."""
+    ztv = make_inferer("dbpp", data_consistency="ztv", cg_iterations=3, tv_lambda=2e-4).data_consistency
+    assert ztv.func is ZTVDataConsistency
+    assert ztv.keywords == {"iterations": 3, "admm_iterations": 1, "rho": 1e-3, "lam": 2e-4}
+    assert make_inferer("db").data_consistency.func is ConjugateGradientDC  # the default: plain DDS
+    assert make_inferer("dds2d", data_consistency="ztv").data_consistency.func is ConjugateGradientDC
+    assert make_inferer("mbir", data_consistency="cg").data_consistency.func is ZTVDataConsistency
+    with pytest.raises(ValueError, match=r"data_consistency must be one of \['cg', 'ztv'\], got 'tv'"):
+        make_inferer("dbpp", data_consistency="tv")
+
+
 def test_settings_of_another_method_are_allowed_unknown_ones_raise():
     """One set of settings drives every method; a name that no method takes (a typo) is an error, never a no-op."""
     assert make_inferer("sirt", steps=3, n_iter=4).n_iter == 4  # steps: a diffusion setting, ignored by SIRT

@@ -43,6 +43,7 @@ __all__ = [
     "METHODS",
     "CLASSICAL_METHODS",
     "DIFFUSION_METHODS",
+    "DATA_CONSISTENCY_KINDS",
     "DataConsistencyFactory",
     "DiffusionBlendInferer",
     "accepted_settings",
@@ -58,9 +59,11 @@ DIFFUSION_METHODS: dict[str, dict[str, Any]] = {
     "dbpp": {"schedule": "dbpp"},
     "db": {"schedule": "shifted"},
     "fixed": {"schedule": "fixed"},
-    "dds2d": {"schedule": "2d", "slab_size": 1},
+    "dds2d": {"schedule": "2d", "slab_size": 1, "data_consistency": "cg"},
     "mbir": {"schedule": "2d", "slab_size": 1, "data_consistency": "ztv"},
 }
+#: The data-consistency steps of the ``data_consistency`` setting: CG (DDS) or CG with a z-TV ADMM pass.
+DATA_CONSISTENCY_KINDS: tuple[str, ...] = ("cg", "ztv")
 CLASSICAL_METHODS: dict[str, type[ReconstructionMethod]] = {"fbp": FBPInferer, "sirt": SIRTInferer, "tv": TVInferer}
 METHODS: tuple[str, ...] = (*DIFFUSION_METHODS, *CLASSICAL_METHODS)
 
@@ -277,6 +280,8 @@ def _data_consistency(
     kind: str, cg_iterations: Any, cg_lambda: Any, admm_iterations: Any, tv_rho: Any, tv_lambda: Any
 ) -> DataConsistencyFactory:
     """The data-consistency factory of a diffusion method from the flat settings, each checked and named."""
+    if kind not in DATA_CONSISTENCY_KINDS:
+        raise ValueError(f"data_consistency must be one of {list(DATA_CONSISTENCY_KINDS)}, got {kind!r}")
     iterations = setting_number("cg_iterations", cg_iterations, 0, integer=True)
     if kind == "ztv":
         return functools.partial(
@@ -295,6 +300,7 @@ def diffusion_inferer(
     separation: int = 3,
     steps: int = 200,
     eta: float = 0.85,
+    data_consistency: str = "cg",
     cg_iterations: int = 5,
     cg_lambda: float = 0.0,
     admm_iterations: int = 1,
@@ -314,18 +320,19 @@ def diffusion_inferer(
     """The diffusion method ``method`` (of :data:`DIFFUSION_METHODS`) from the command line's flat settings.
 
     The method fixes its partition schedule (and for ``dds2d`` / ``mbir`` the slab size 1 and the
-    data consistency); ``cg_*`` set CG data consistency, ``admm_iterations`` and ``tv_*`` the
-    z-TV one of ``mbir``. The other settings are :class:`DiffusionBlendInferer`'s (``blend``: how the slabs'
+    data consistency); ``data_consistency`` chooses the step of the others (``cg``, or ``ztv``: CG with
+    one z-TV ADMM pass, as in the research code's DiffusionBlend), ``cg_*`` set CG, ``admm_iterations``
+    and ``tv_*`` the z-TV step. The other settings are :class:`DiffusionBlendInferer`'s (``blend``: how the slabs'
     predictions are computed, not a setting of the result).
     """
     fixed = DIFFUSION_METHODS[method]
     schedule = make_schedule(fixed["schedule"], int(fixed.get("slab_size", slab_size)), int(separation))
-    kind = fixed.get("data_consistency", "cg")
-    data_consistency = _data_consistency(kind, cg_iterations, cg_lambda, admm_iterations, tv_rho, tv_lambda)
+    kind = fixed.get("data_consistency", data_consistency)
+    step = _data_consistency(kind, cg_iterations, cg_lambda, admm_iterations, tv_rho, tv_lambda)
     if warm_start_method not in CLASSICAL_METHODS:
         raise ValueError(f"warm_start_method must be one of {list(CLASSICAL_METHODS)}, got {warm_start_method!r}")
     return DiffusionBlendInferer(
-        schedule, data_consistency, noise_schedule, steps, eta, batch_size, seed, mixed_precision, progress,
+        schedule, step, noise_schedule, steps, eta, batch_size, seed, mixed_precision, progress,
         image_size, warm_start, CLASSICAL_METHODS[warm_start_method](), method=method, blend=blend,
         timestep_power=timestep_power,
     )
