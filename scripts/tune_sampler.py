@@ -96,16 +96,16 @@ def main() -> None:
     spacing = parser.get_parsed_content("spacing")
     base = {key: parser.get_parsed_content(key) for key in BASE_KEYS}
     network = load_weights(parser.get_parsed_content("network_def"), args.ckpt).eval()
-    varied, changed_base = parse_vary(args.vary), parse_vary(args.set)
-    for flag, items in (("--vary", varied), ("--set", changed_base)):
+    varied, overrides = parse_vary(args.vary), parse_vary(args.set)
+    for flag, items in (("--vary", varied), ("--set", overrides)):
         unknown = [key for key, _ in items if key not in BASE_KEYS]
         if unknown:
             raise SystemExit(f"{flag} {unknown}: not a sampler setting; choose from {list(BASE_KEYS)}")
-    for key, values in changed_base:
-        if len(values) != 1:
-            raise SystemExit(f"--set {key}: expects one value, got {values}")
-        base[key] = values[0]
-    base_label = "base" + (f" {json.dumps({key: values[0] for key, values in changed_base})}" if changed_base else "")
+    if any(len(values) != 1 for _, values in overrides):
+        raise SystemExit(f"--set expects one value per setting, got {dict(overrides)}")
+    changed_base = {key: values[0] for key, values in overrides}
+    base.update(changed_base)
+    base_label = f"base {json.dumps(changed_base)}" if changed_base else "base"
 
     runs: list[tuple[str, dict[str, Any], int]] = [("fbp", {}, 1)] + [("tv", {"lam": lam}, 1) for lam in args.tv]
     for method in args.methods:
@@ -124,9 +124,10 @@ def main() -> None:
             with Profile(y.device) as profile:
                 posterior = draw_samples(inferer, y, prior, operator, range(args.seed, args.seed + samples))
             recon, seconds, nfe = posterior.mean, profile.seconds, posterior.nfe
-            changed = {k: v for k, v in settings.items() if base.get(k) != v} if method not in ("fbp", "tv") else settings
+            classical = method in ("fbp", "tv")
+            changed = settings if classical else {k: v for k, v in settings.items() if base.get(k) != v}
             row = {"volume": Path(item["image"]).name, "slices": x.shape[0], "method": method, "samples": samples}
-            row["settings"] = json.dumps(changed) if changed else "base" if method in ("fbp", "tv") else base_label
+            row["settings"] = json.dumps(changed) if changed else ("base" if classical else base_label)
             row.update({k: round(v, 4) for k, v in reconstruction_metrics(recon, x).items()})
             row.update({"seconds": round(seconds, 2), "nfe": nfe})
             rows.append(row)
