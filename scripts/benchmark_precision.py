@@ -12,10 +12,10 @@ bundle samples: ``bundle.precision.inference_weights``), with the same seed, and
 part times ``--iterations`` optimiser steps of the shipped network (batch of 128 x 128 slabs,
 forward, MSE loss, backward, AdamW) in each precision and prints ``{"train_fp32_seconds",
 "train_bf16_seconds", "train_speedup"}`` per iteration. A warm-up run of each precision comes
-first. The defaults (12 slices, 10 steps) are the model card's measurement: at fewer slices or
-steps the fixed per-step costs outside the network weigh more, and one rounding difference moves
-a 4-step result by a tenth of a dB. Both lines also say whether the CPU has native bf16 (``bundle.precision``): where it
-does not, PyTorch emulates bf16 and the "speed-up" is far below 1, which is why the bundle's
+first. The sampler's defaults (``SAMPLER_DEPTH`` slices, ``SAMPLER_STEPS`` steps) are the model
+card's measurement: at fewer slices or steps the fixed per-step costs outside the network weigh
+more, and one rounding difference moves a 4-step result by a tenth of a dB. Both lines also say
+whether the CPU has native bf16 (``bundle.precision``): where it does not, PyTorch emulates bf16 and the "speed-up" is far below 1, which is why the bundle's
 ``mixed_precision: auto`` keeps fp32 there. Time it alone: other processes on the cores change
 both numbers.
 """
@@ -47,6 +47,9 @@ from bundle.precision import cpu_bf16_flags, native_bf16  # noqa: E402
 from bundle.recon.inferers import make_inferer  # noqa: E402
 from bundle.workflows.training import SlabDiffusionInferer  # noqa: E402
 from bundle.transforms.layout import to_zhw  # noqa: E402
+
+SAMPLER_DEPTH = 12  # slices of the sample: the model card's measurement
+SAMPLER_STEPS = 10  # DDIM steps of each timed reconstruction
 
 
 def shipped_network(device: torch.device, ckpt: Path) -> SlabDenoiser:
@@ -143,8 +146,8 @@ def training_part(network: SlabDenoiser, device: torch.device, iterations: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("sampler", "training", "both"), default="both")
-    parser.add_argument("--depth", type=int, default=12, help="slices of the sample to reconstruct")
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps of each reconstruction")
+    parser.add_argument("--depth", type=int, default=SAMPLER_DEPTH, help="slices of the sample to reconstruct")
+    parser.add_argument("--steps", type=int, default=SAMPLER_STEPS, help="DDIM steps of each reconstruction")
     parser.add_argument("--batch-size", type=int, default=16, help="slabs per network call (sampler) / per step (training: --train-batch-size)")
     parser.add_argument("--repeats", type=int, default=3, help="timed reconstructions per precision (sampler; the median is printed)")
     parser.add_argument("--iterations", type=int, default=2, help="timed training iterations per precision")

@@ -89,14 +89,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="slabs per network call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ckpt", type=Path, default=ROOT / "models" / "model.pt")
-    parser.add_argument("--precision", action="store_true", help="compare fp32 and bf16 (JSON line); --depth default 12, --steps 10")
+    parser.add_argument("--precision", action="store_true", help="compare fp32 and bf16 (JSON line); --depth and --steps default to benchmark_precision.py's")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.precision:
-        from benchmark_precision import machine, sampler_part, shipped_network  # scripts/ is on sys.path when run as a script
+        from benchmark_precision import SAMPLER_DEPTH, SAMPLER_STEPS, machine, sampler_part, shipped_network  # scripts/ is on sys.path
 
-        depth = args.depth if args.depth != parser.get_default("depth") else 12
-        steps = args.steps if args.steps != parser.get_default("steps") else 10
+        depth = args.depth if args.depth != parser.get_default("depth") else SAMPLER_DEPTH
+        steps = args.steps if args.steps != parser.get_default("steps") else SAMPLER_STEPS
         result = sampler_part(shipped_network(device, args.ckpt), device, depth, steps, args.batch_size)
         print(json.dumps({**machine(device), **result}))
         return
