@@ -15,8 +15,9 @@ forward, MSE loss, backward, AdamW) in each precision and prints ``{"train_fp32_
 first. The sampler's defaults (``SAMPLER_DEPTH`` slices, ``SAMPLER_STEPS`` steps) are the model
 card's measurement: at fewer slices or steps the fixed per-step costs outside the network weigh
 more, and one rounding difference moves a 4-step result by a tenth of a dB. Both lines also say
-whether the CPU has native bf16 (``bundle.precision``): where it does not, PyTorch emulates bf16 and the "speed-up" is far below 1, which is why the bundle's
-``mixed_precision: auto`` keeps fp32 there. Time it alone: other processes on the cores change
+whether the CPU has native bf16 (``bundle.precision``): where it does not, PyTorch emulates
+bf16 and the "speed-up" is far below 1, which is why the bundle's ``mixed_precision: auto``
+keeps fp32 there. Time it alone: other processes on the cores change
 both numbers.
 """
 

@@ -82,10 +82,11 @@ def measure(depth: int, size: int, steps: int, batch_size: int, device: torch.de
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--depth", type=int, default=48, help="Z of the first run (at least 3 x batch size, so batches are full); the second uses 4Z"
+        "--depth", type=int, help="Z of the first run (at least 3 x batch size, so batches are full); the second uses 4Z. "
+        "Default 48, or benchmark_precision.py's SAMPLER_DEPTH with --precision"
     )
     parser.add_argument("--size", type=int, default=128, help="H = W of the slices")
-    parser.add_argument("--steps", type=int, default=3, help="DDIM steps per run (the share does not depend on it)")
+    parser.add_argument("--steps", type=int, help="DDIM steps per run (the share does not depend on it). Default 3, or SAMPLER_STEPS with --precision")
     parser.add_argument("--batch-size", type=int, default=16, help="slabs per network call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ckpt", type=Path, default=ROOT / "models" / "model.pt")
@@ -95,17 +96,19 @@ def main() -> None:
     if args.precision:
         from benchmark_precision import SAMPLER_DEPTH, SAMPLER_STEPS, machine, sampler_part, shipped_network  # scripts/ is on sys.path
 
-        depth = args.depth if args.depth != parser.get_default("depth") else SAMPLER_DEPTH
-        steps = args.steps if args.steps != parser.get_default("steps") else SAMPLER_STEPS
+        depth = SAMPLER_DEPTH if args.depth is None else args.depth
+        steps = SAMPLER_STEPS if args.steps is None else args.steps
         result = sampler_part(shipped_network(device, args.ckpt), device, depth, steps, args.batch_size)
         print(json.dumps({**machine(device), **result}))
         return
+    depth = 48 if args.depth is None else args.depth
+    steps = 3 if args.steps is None else args.steps
     network = _network(device, args.ckpt)
 
     measure(3, args.size, 1, args.batch_size, device, network)  # warm-up: kernels, allocator, thread pools
-    runs = [measure(d, args.size, args.steps, args.batch_size, device, network) for d in (args.depth, 4 * args.depth)]
+    runs = [measure(d, args.size, steps, args.batch_size, device, network) for d in (depth, 4 * depth)]
 
-    print(f"device {device}, slices {args.size}x{args.size}, {args.steps} steps, batch {args.batch_size} slabs, threads {torch.get_num_threads()}")
+    print(f"device {device}, slices {args.size}x{args.size}, {steps} steps, batch {args.batch_size} slabs, threads {torch.get_num_threads()}")
     print(f"{'Z':>5} {'seconds':>8} {'network %':>9} {'slabs':>6} {'volume MB':>9} {'peak +MB':>9} {'peak +MB / volume':>17}")
     for r in runs:
         print(
