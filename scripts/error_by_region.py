@@ -6,8 +6,9 @@ Usage:
         mbir=eval/test/ts_example_ct_abdomen_pelvis_3mm/8_views/mbir/ts_example_ct_abdomen_pelvis_3mm_recon.nii.gz
 
 The reference is the ground truth in HU on the reconstructions' grid (the input volume of
-``benchmark.py``, whose reconstructions keep its grid), clipped to [-1024, 3071] like the
-reconstructions. The body is where the reference is above -500 HU, as for ``mae_body_hu``.
+``benchmark.py``, whose reconstructions keep its grid). Both are seen as the benchmark's metrics
+see them: normalised attenuation clipped to [0, 1], that is HU clipped to [-1000, 2000]. The body
+is where the reference is above ``bundle.metrics.BODY_HU`` (-500 HU), as for ``mae_body_hu``.
 Regions: four tissue classes of the reference (air and lung, fat, soft tissue, bone), the
 body's outer shell of ``--shell`` voxels and the interior inside it, the air shell of the same
 width just outside the body, and ``--bands`` equal bands along the last (slice) axis, body
@@ -17,20 +18,30 @@ voxels only. Prints one markdown table, a row per region and a column per recons
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-HU_RANGE = (-1024.0, 3071.0)
-BODY_HU = -500.0
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bundle.metrics import BODY_HU  # noqa: E402
+from bundle.physics.simulation import hu_to_normalized, normalized_to_hu  # noqa: E402
+
 TISSUES = {"air and lung (< -500 HU)": (-np.inf, -500.0), "fat (-500 to -30)": (-500.0, -30.0),
            "soft tissue (-30 to 150)": (-30.0, 150.0), "bone (> 150)": (150.0, np.inf)}
 
 
+def metric_range(hu: np.ndarray) -> np.ndarray:
+    """``hu`` as the metrics see it: normalised attenuation clipped to [0, 1], back in HU."""
+    return normalized_to_hu(np.clip(hu_to_normalized(hu), 0.0, 1.0))
+
+
 def regions(reference: np.ndarray, shell: int = 3, bands: int = 8) -> dict[str, np.ndarray]:
-    """Boolean masks of the regions of ``reference`` (HU), by name, in the order they are printed."""
+    """Boolean masks of the regions of ``reference`` (HU, in :func:`metric_range`), by name, in the order they are printed."""
     body = reference > BODY_HU
     masks = {name: (reference >= lo) & (reference < hi) for name, (lo, hi) in TISSUES.items()}
     interior = ndimage.binary_erosion(body, iterations=shell)
@@ -46,11 +57,10 @@ def regions(reference: np.ndarray, shell: int = 3, bands: int = 8) -> dict[str, 
     return masks
 
 
-def region_errors(reference: np.ndarray, recon: np.ndarray, shell: int = 3, bands: int = 8) -> dict[str, float]:
-    """Mean absolute error in HU of ``recon`` against ``reference`` in each region (NaN where a region is empty)."""
-    error = np.abs(np.clip(recon, *HU_RANGE) - np.clip(reference, *HU_RANGE))
-    reference = np.clip(reference, *HU_RANGE)
-    return {name: float(error[m].mean()) if m.any() else float("nan") for name, m in regions(reference, shell, bands).items()}
+def region_errors(reference: np.ndarray, recon: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean absolute error in HU of ``recon`` against ``reference`` in each of ``masks`` (NaN where one is empty)."""
+    error = np.abs(metric_range(recon) - metric_range(reference))
+    return {name: float(error[m].mean()) if m.any() else float("nan") for name, m in masks.items()}
 
 
 def load_hu(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -88,13 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or not name or not path:
             raise SystemExit(f"{item!r}: give each reconstruction as NAME=PATH")
         named.append((name, Path(path)))
-    reference = load_hu(args.reference)
-    columns = {name: region_errors(reference, load_hu(path, reference.shape), args.shell, args.bands) for name, path in named}
-    counts = {name: int(m.sum()) for name, m in regions(np.clip(reference, *HU_RANGE), args.shell, args.bands).items()}
+    reference = metric_range(load_hu(args.reference))
+    masks = regions(reference, args.shell, args.bands)
+    columns = {name: region_errors(reference, load_hu(path, reference.shape), masks) for name, path in named}
     print("| region | voxels | " + " | ".join(f"{name} MAE (HU)" for name in columns) + " |")
     print("|---|---|" + "---|" * len(columns))
-    for region, count in counts.items():
-        print(f"| {region} | {count} | " + " | ".join(f"{columns[name][region]:.1f}" for name in columns) + " |")
+    for region, mask in masks.items():
+        print(f"| {region} | {int(mask.sum())} | " + " | ".join(f"{columns[name][region]:.1f}" for name in columns) + " |")
 
 
 if __name__ == "__main__":

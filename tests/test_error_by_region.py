@@ -44,10 +44,10 @@ def test_a_blurred_outline_shows_at_the_edge_not_inside():
     ref = _phantom()
     blurred = ndimage.gaussian_filter(ref, sigma=(1.0, 1.0, 0.0))
     blurred[ndimage.binary_erosion(ref > -500, iterations=4)] = ref[ndimage.binary_erosion(ref > -500, iterations=4)]
-    errors = error_by_region.region_errors(ref, blurred, shell=2, bands=2)
+    errors = error_by_region.region_errors(ref, blurred, error_by_region.regions(ref, shell=2, bands=2))
     assert errors["body edge (outer 2 voxels)"] > 50.0
     assert errors["body interior"] < errors["body edge (outer 2 voxels)"] / 2
-    assert error_by_region.region_errors(ref, ref)["body interior"] == 0.0
+    assert error_by_region.region_errors(ref, ref, error_by_region.regions(ref))["body interior"] == 0.0
 
 
 def _run(*args):
