@@ -43,7 +43,7 @@ from bundle.transforms.layout import to_zhw
 ROOT = Path(__file__).resolve().parents[1]
 BASE_KEYS = (
     "steps", "eta", "timestep_power", "data_consistency", "cg_iterations", "cg_lambda", "admm_iterations", "tv_rho",
-    "tv_lambda", "warm_start", "warm_start_method", "batch_size",
+    "tv_lambda", "support", "support_threshold", "warm_start", "warm_start_method", "batch_size",
 )
 
 

@@ -19,7 +19,8 @@ from bundle.physics.operators import LinearOperator, make_operator
 from bundle.physics.operators.base import check_tensor
 from bundle.recon.cg import cg
 from bundle.recon.method import ReconstructionMethod
-from bundle.settings import as_bool
+from bundle.recon.support import SUPPORT_KINDS, SupportOperator, visual_hull
+from bundle.settings import as_bool, setting_number
 
 __all__ = [
     "FILTERS",
@@ -272,12 +273,13 @@ def tv_reconstruct(
     nonnegative: bool = True,
     x0: Optional[torch.Tensor] = None,
     progress: bool = False,
+    support: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """3D isotropic TV reconstruction by ADMM (Boyd et al. 2011, section 6.4.1) with CG x-updates.
 
     Solves ``min_x 1/2 ||A x - y||^2 / ||A||^2 + lam TV(x)`` subject to ``x >= 0``, splitting
-    ``z = D x`` (group soft-thresholding) and ``w = x`` (projection onto ``x >= 0``); the
-    x-update ``(A^T A / ||A||^2 + rho D^T D + rho I) x = ...`` runs ``cg_iter`` warm-started CG
+    ``z = D x`` (group soft-thresholding) and ``w = x`` (projection onto ``x >= 0``, and onto
+    ``x = 0`` outside ``support`` when one is given); the x-update ``(A^T A / ||A||^2 + rho D^T D + rho I) x = ...`` runs ``cg_iter`` warm-started CG
     steps. The data term is divided by ``||A||^2`` so that ``lam`` does not depend on the
     number of views or the pixel size.
 
@@ -292,23 +294,30 @@ def tv_reconstruct(
         nonnegative: enforce ``x >= 0``.
         x0: start (default: FBP for slice stacks, else zeros).
         progress: show the ADMM iterations as a progress bar.
+        support: boolean mask of ``A.domain_shape``; ``x`` is 0 outside it (``bundle.recon.support``).
     """
     op = _as_operator(A, sinogram.device if isinstance(sinogram, torch.Tensor) else torch.device("cpu"))
     check_tensor(sinogram, op.range_shape, "sinogram")
+    if support is not None and tuple(support.shape) != op.domain_shape:
+        raise ValueError(f"the support has shape {tuple(support.shape)}, the volume {op.domain_shape}")
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     rho = max(10.0 * lam, 1e-4) if rho is None else rho
     if rho <= 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     scale = 1.0 / op.norm() ** 2
+    constrained = nonnegative or support is not None  # the split w = x carries the constraints
+
+    def project(t: torch.Tensor) -> torch.Tensor:
+        t = torch.clamp(t, min=0) if nonnegative else t
+        return t * support.to(t.dtype) if support is not None else t
+
     with torch.no_grad():
         if x0 is None:
-            geometry = getattr(op, "geometry", None)
             x = fbp(sinogram, op, "hann") if _fbp_applies(op) else torch.zeros(op.domain_shape, dtype=sinogram.dtype, device=sinogram.device)
         else:
             x = x0.clone()
-        if nonnegative:
-            x.clamp_(min=0)
+        x = project(x)
         aty = op.T(sinogram) * scale
         z = gradient3d(x, weights)
         u = torch.zeros_like(z)
@@ -317,25 +326,25 @@ def tv_reconstruct(
 
         def normal(t: torch.Tensor) -> torch.Tensor:
             out = op.T(op(t)) * scale + rho * gradient3d_adjoint(gradient3d(t, weights), weights)
-            return out + rho * t if nonnegative else out
+            return out + rho * t if constrained else out
 
         for _ in iterations(n_iter, progress, "TV (ADMM)"):
-            # 1. x-update: least squares coupling data, gradients and the nonnegative copy
+            # 1. x-update: least squares coupling data, gradients and the constrained copy
             rhs = aty + rho * gradient3d_adjoint(z - u, weights)
-            if nonnegative:
+            if constrained:
                 rhs = rhs + rho * (w - v)
             x = cg(normal, rhs, x0=x, max_iter=cg_iter, rtol=1e-8)
             # 2. z-update: group (isotropic) soft-thresholding of the gradient
             dx_u = gradient3d(x, weights) + u
             mag = torch.sqrt((dx_u**2).sum(0, keepdim=True)).clamp(min=1e-12)
             z = dx_u * torch.clamp(1 - (lam / rho) / mag, min=0)
-            # 3. w-update: projection onto x >= 0
-            if nonnegative:
-                w = torch.clamp(x + v, min=0)
+            # 3. w-update: projection onto x >= 0 (and onto the support)
+            if constrained:
+                w = project(x + v)
                 v = v + x - w
             # 4. dual ascent
             u = dx_u - z
-        return torch.clamp(x, min=0) if nonnegative else x
+        return project(x)
 
 
 def _split_leading(sinogram: torch.Tensor, range_shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -349,9 +358,22 @@ class _ClassicalInferer(ReconstructionMethod):
     """A classical method under the call convention of every method (:class:`ReconstructionMethod`); no network, no randomness.
 
     The sinogram may carry leading singleton dims (batch, channel); the volume keeps them.
+
+    Args:
+        support: ``"hull"``: reconstruct over the visual hull of the measurements, air outside it
+            (``bundle.recon.support``, the projector restricted to the hull); ``"none"``: every voxel free.
+        support_threshold: share of the largest line integral below which a ray counts as empty.
     """
 
-    def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+    def __init__(self, support: str = "none", support_threshold: float = 0.01) -> None:
+        super().__init__()
+        if support not in SUPPORT_KINDS:
+            raise ValueError(f"support must be one of {list(SUPPORT_KINDS)}, got {support!r}")
+        self._support = support
+        self._support_threshold = setting_number("support_threshold", support_threshold, 0.0, 1.0, open_maximum=True)
+
+    def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator, support: torch.Tensor | None) -> torch.Tensor:
+        """The method's volume; with a ``support`` the method holds the voxels outside it at air as it iterates."""
         raise NotImplementedError
 
     def __call__(  # type: ignore[override]
@@ -373,10 +395,16 @@ class _ClassicalInferer(ReconstructionMethod):
             raise TypeError(f"inputs must be a torch.Tensor sinogram, got {type(inputs).__name__}")
         op = _as_operator(operator, inputs.device)
         sino, lead = _split_leading(inputs, op.range_shape)
-        return self._reconstruct(sino.contiguous(), op).reshape(lead + op.domain_shape)
+        sino = sino.contiguous()
+        if self._support == "none":
+            return self._reconstruct(sino, op, None).reshape(lead + op.domain_shape)
+        hull = visual_hull(op, sino, self._support_threshold)
+        return (self._reconstruct(sino, op, hull) * hull).reshape(lead + op.domain_shape)
 
     def __repr__(self) -> str:
         settings = getattr(self, "kwargs", None) or {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        if self._support != "none":
+            settings = {**settings, "support": self._support, "support_threshold": self._support_threshold}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
 
 
@@ -390,13 +418,15 @@ class FBPInferer(_ClassicalInferer):
 
     method = "fbp"
 
-    def __init__(self, filter_name: str = "ram-lak", cutoff: float = 1.0) -> None:
-        super().__init__()
+    def __init__(
+        self, filter_name: str = "ram-lak", cutoff: float = 1.0, support: str = "none", support_threshold: float = 0.01
+    ) -> None:
+        super().__init__(support, support_threshold)
         ramp_filter(8, 1.0, filter_name, cutoff)  # validates
         self.filter_name, self.cutoff = filter_name, cutoff
 
-    def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-        return fbp(sinogram, op, self.filter_name, self.cutoff)
+    def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator, support: torch.Tensor | None) -> torch.Tensor:
+        return fbp(sinogram, op, self.filter_name, self.cutoff)  # one back-projection: the support is its mask
 
 
 class SIRTInferer(_ClassicalInferer):
@@ -409,12 +439,20 @@ class SIRTInferer(_ClassicalInferer):
 
     method = "sirt"
 
-    def __init__(self, n_iter: int = 100, nonnegative: bool = True, progress: bool = False) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        n_iter: int = 100,
+        nonnegative: bool = True,
+        progress: bool = False,
+        support: str = "none",
+        support_threshold: float = 0.01,
+    ) -> None:
+        super().__init__(support, support_threshold)
         self.n_iter, self.nonnegative = n_iter, nonnegative
         self._progress = as_bool(progress, "progress")
 
-    def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+    def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator, support: torch.Tensor | None) -> torch.Tensor:
+        op = op if support is None else SupportOperator(op, support)  # SIRT's updates are back-projections
         return sirt(sinogram, op, self.n_iter, nonnegative=self.nonnegative, progress=self._progress)
 
 
@@ -428,12 +466,12 @@ class CGLSInferer(_ClassicalInferer):
 
     method = "cgls"
 
-    def __init__(self, n_iter: int = 30, damping: float = 0.0) -> None:
-        super().__init__()
+    def __init__(self, n_iter: int = 30, damping: float = 0.0, support: str = "none", support_threshold: float = 0.01) -> None:
+        super().__init__(support, support_threshold)
         self.n_iter, self.damping = n_iter, damping
 
-    def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-        return cgls(sinogram, op, self.n_iter, damping=self.damping)
+    def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator, support: torch.Tensor | None) -> torch.Tensor:
+        return cgls(sinogram, op if support is None else SupportOperator(op, support), self.n_iter, damping=self.damping)
 
 
 class TVInferer(_ClassicalInferer):
@@ -450,10 +488,12 @@ class TVInferer(_ClassicalInferer):
         weights: Sequence[float] = (1.0, 1.0, 1.0),
         nonnegative: bool = True,
         progress: bool = False,
+        support: str = "none",
+        support_threshold: float = 0.01,
     ) -> None:
-        super().__init__()
+        super().__init__(support, support_threshold)
         self.kwargs = dict(lam=lam, rho=rho, n_iter=n_iter, cg_iter=cg_iter, weights=tuple(weights), nonnegative=nonnegative)
         self._progress = as_bool(progress, "progress")
 
-    def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator) -> torch.Tensor:
-        return tv_reconstruct(sinogram, op, **self.kwargs, progress=self._progress)  # type: ignore[arg-type]
+    def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator, support: torch.Tensor | None) -> torch.Tensor:
+        return tv_reconstruct(sinogram, op, **self.kwargs, progress=self._progress, support=support)  # type: ignore[arg-type]

@@ -37,6 +37,7 @@ from bundle.recon.noise_schedule import NoiseSchedule
 from bundle.recon.padding import CroppedDataConsistency, centre_crop, working_shape
 from bundle.recon.partitions import Blend, DiffusionBlendPPSchedule, PartitionSchedule, make_schedule
 from bundle.recon.sampler import ddim_timesteps, sample
+from bundle.recon.support import SUPPORT_KINDS, SupportConstraint, visual_hull
 from bundle.settings import as_bool, setting_number
 
 __all__ = [
@@ -115,6 +116,9 @@ class DiffusionBlendInferer(ReconstructionMethod):
         blend: score blending over a partition (``bundle.recon.partitions.blend``; slab-parallel under
             ``torchrun``: ``bundle.workflows.distributed.ShardedBlend``).
         timestep_power: the DDIM time grid's exponent p >= 1 (``sampler.ddim_timesteps``; 1: even, >1: denser near 0).
+        support: ``"hull"``: data consistency over the visual hull of the measurements, air outside it
+            (``bundle.recon.support``); ``"none"``: every voxel free.
+        support_threshold: share of the largest line integral below which a ray counts as empty (``support="hull"``).
     """
 
     def __init__(
@@ -134,6 +138,8 @@ class DiffusionBlendInferer(ReconstructionMethod):
         method: str = "diffusion",
         blend: Blend = partitions.blend,
         timestep_power: float = 1.0,
+        support: str = "none",
+        support_threshold: float = 0.01,
     ) -> None:
         super().__init__()
         self.schedule = DiffusionBlendPPSchedule(3, 3) if schedule is None else schedule
@@ -168,6 +174,10 @@ class DiffusionBlendInferer(ReconstructionMethod):
         if not callable(blend):
             raise TypeError(f"blend must be a callable blend(denoiser, x_t, t, partition, batch_size), got {blend!r}")
         self.blend = blend
+        if support not in SUPPORT_KINDS:
+            raise ValueError(f"support must be one of {list(SUPPORT_KINDS)}, got {support!r}")
+        self.support = support
+        self.support_threshold = setting_number("support_threshold", support_threshold, 0.0, 1.0, open_maximum=True)
 
     @property
     def start_step(self) -> int:
@@ -227,7 +237,11 @@ class DiffusionBlendInferer(ReconstructionMethod):
         domain = tuple(int(s) for s in operator.domain_shape)
         padded = self.working_shape(operator, network)
         crop = centre_crop(domain, padded)
-        data_consistency = self.data_consistency(operator, inputs.float())
+        if self.support == "hull":
+            hull = visual_hull(operator, inputs, self.support_threshold)
+            data_consistency = SupportConstraint(self.data_consistency, operator, inputs.float(), hull)
+        else:
+            data_consistency = self.data_consistency(operator, inputs.float())
         if padded != domain:
             data_consistency = CroppedDataConsistency(data_consistency, crop)
         was_training = getattr(network, "training", False)
@@ -261,7 +275,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
         return (
             f"DiffusionBlendInferer(method={self.method!r}, schedule={self.schedule!r}, "
             f"data_consistency={_describe(self.data_consistency)}, steps={self.steps}, eta={self.eta}, "
-            f"timestep_power={self.timestep_power}, "
+            f"timestep_power={self.timestep_power}, support={self.support!r}, "
             f"warm_start={self.warm_start}, seed={self.seed}, noise_schedule={self.noise_schedule!r}{shared})"
         )
 
@@ -316,6 +330,8 @@ def diffusion_inferer(
     warm_start_method: str = "sirt",
     blend: Blend = partitions.blend,
     timestep_power: float = 1.0,
+    support: str = "none",
+    support_threshold: float = 0.01,
 ) -> DiffusionBlendInferer:
     """The diffusion method ``method`` (of :data:`DIFFUSION_METHODS`) from the command line's flat settings.
 
@@ -334,7 +350,7 @@ def diffusion_inferer(
     return DiffusionBlendInferer(
         schedule, step, noise_schedule, steps, eta, batch_size, seed, mixed_precision, progress,
         image_size, warm_start, CLASSICAL_METHODS[warm_start_method](), method=method, blend=blend,
-        timestep_power=timestep_power,
+        timestep_power=timestep_power, support=support, support_threshold=support_threshold,
     )
 
 
