@@ -365,7 +365,7 @@ class _ClassicalInferer(ReconstructionMethod):
         support_threshold: share of the largest line integral below which a ray counts as empty.
     """
 
-    def __init__(self, support: str = "none", support_threshold: float = 0.01) -> None:
+    def __init__(self, support: str = "none", support_threshold: float = 0.003) -> None:
         super().__init__()
         if support not in SUPPORT_KINDS:
             raise ValueError(f"support must be one of {list(SUPPORT_KINDS)}, got {support!r}")
@@ -419,7 +419,7 @@ class FBPInferer(_ClassicalInferer):
     method = "fbp"
 
     def __init__(
-        self, filter_name: str = "ram-lak", cutoff: float = 1.0, support: str = "none", support_threshold: float = 0.01
+        self, filter_name: str = "ram-lak", cutoff: float = 1.0, support: str = "none", support_threshold: float = 0.003
     ) -> None:
         super().__init__(support, support_threshold)
         ramp_filter(8, 1.0, filter_name, cutoff)  # validates
@@ -445,7 +445,7 @@ class SIRTInferer(_ClassicalInferer):
         nonnegative: bool = True,
         progress: bool = False,
         support: str = "none",
-        support_threshold: float = 0.01,
+        support_threshold: float = 0.003,
     ) -> None:
         super().__init__(support, support_threshold)
         self.n_iter, self.nonnegative = n_iter, nonnegative
@@ -466,7 +466,7 @@ class CGLSInferer(_ClassicalInferer):
 
     method = "cgls"
 
-    def __init__(self, n_iter: int = 30, damping: float = 0.0, support: str = "none", support_threshold: float = 0.01) -> None:
+    def __init__(self, n_iter: int = 30, damping: float = 0.0, support: str = "none", support_threshold: float = 0.003) -> None:
         super().__init__(support, support_threshold)
         self.n_iter, self.damping = n_iter, damping
 
@@ -489,7 +489,7 @@ class TVInferer(_ClassicalInferer):
         nonnegative: bool = True,
         progress: bool = False,
         support: str = "none",
-        support_threshold: float = 0.01,
+        support_threshold: float = 0.003,
     ) -> None:
         super().__init__(support, support_threshold)
         self.kwargs = dict(lam=lam, rho=rho, n_iter=n_iter, cg_iter=cg_iter, weights=tuple(weights), nonnegative=nonnegative)

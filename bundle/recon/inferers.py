@@ -139,7 +139,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
         blend: Blend = partitions.blend,
         timestep_power: float = 1.0,
         support: str = "none",
-        support_threshold: float = 0.01,
+        support_threshold: float = 0.003,
     ) -> None:
         super().__init__()
         self.schedule = DiffusionBlendPPSchedule(3, 3) if schedule is None else schedule
@@ -331,7 +331,7 @@ def diffusion_inferer(
     blend: Blend = partitions.blend,
     timestep_power: float = 1.0,
     support: str = "none",
-    support_threshold: float = 0.01,
+    support_threshold: float = 0.003,
 ) -> DiffusionBlendInferer:
     """The diffusion method ``method`` (of :data:`DIFFUSION_METHODS`) from the command line's flat settings.
 

@@ -27,14 +27,18 @@ SUPPORT_KINDS: tuple[str, ...] = ("none", "hull")
 DataConsistency = Callable[[torch.Tensor], torch.Tensor]
 
 
-def visual_hull(operator: LinearOperator, measurements: torch.Tensor, threshold: float = 0.01, margin: int = 1) -> torch.Tensor:
+def visual_hull(operator: LinearOperator, measurements: torch.Tensor, threshold: float = 0.003, margin: int = 1) -> torch.Tensor:
     """The voxels that every measured ray through them saw as matter: a boolean mask of ``operator.domain_shape``.
 
-    A ray saw matter when its line integral is above ``threshold`` times the largest one (noise in
-    air stays below it: at 1e4 photons it is about 0.2 % of a torso's largest line integral).
-    Each detector column that saw matter also marks its ``margin`` neighbours, so the partial
-    voxels at the body's outline stay inside. A voxel that no ray reaches is kept (nothing says
-    it is empty). A sinogram of zeros gives an empty hull: the measurements saw nothing.
+    A ray saw matter when its line integral is above ``threshold`` times the largest one. The
+    default 0.3 % lost no voxel above -500 HU of any of the 19 volumes of ``../shared`` it was
+    checked on, at 8 and 4 views, where 1 % lost up to 40 (model card, "The support constraint").
+    Noise in air widens the hull, it does not cut it: its standard deviation is about 0.04 % of a
+    chest's largest line integral at 1e5 photons and 0.12 % at 1e4, where some air rays then
+    count as matter. Each detector column that saw
+    matter also marks its ``margin`` neighbours, so the partial voxels at the body's outline stay
+    inside. A voxel that no ray reaches is kept (nothing says it is empty). A sinogram of zeros
+    gives an empty hull: the measurements saw nothing.
 
     Args:
         operator: the projector ``A`` (non-negative weights, as every ray-driven projector has).
@@ -73,11 +77,12 @@ class SupportOperator(LinearOperator):
         self.mask = mask.to(device=operator.device, dtype=torch.float32)
         self.geometry = getattr(operator, "geometry", None)
 
+    # the input is checked once, by this operator's call: the wrapped one's raw maps follow
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        return self.operator(x * self.mask.to(x.dtype))
+        return self.operator._apply(x * self.mask.to(x.dtype))
 
     def _apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        x = self.operator.T(y)
+        x = self.operator._apply_adjoint(y)
         return x * self.mask.to(x.dtype)
 
     def norm(self, n_iter: int = 50, generator: Optional[torch.Generator] = None) -> float:
