@@ -243,6 +243,7 @@ def test_info(server: Server) -> None:
         assert info["models"][task]["type"] == "others"
         assert info["models"][task]["dimension"] == 3
         assert info["models"][task]["config"]["method"][0] == "dbpp"
+        assert info["models"][task]["config"]["support"] == ["hull", "none"]
     assert info["models"]["sparse_view_ct"]["config"]["views"] == VIEWS
     assert info["models"]["sparse_view_ct"]["config"]["steps"] == STEPS
     assert "views" not in info["models"]["sinogram_ct"]["config"]  # the geometry JSON fixes the views
@@ -317,6 +318,7 @@ WRONG_KIND = {
         ("sparse_view_ct", "ct", {"warm_start": 1.0}, 400, "warm_start must be a number in [0, 1)"),
         ("sparse_view_ct", "ct", {"warm_start": -0.1}, 400, "warm_start must be a number in [0, 1)"),
         ("sparse_view_ct", "ct", {"device": "tpu"}, 400, "device"),
+        ("sparse_view_ct", "ct", {"support": "mask"}, 400, "unknown support 'mask'; choose one of ['none', 'hull']"),
         # the caps of every numeric setting (issue 14)
         ("sparse_view_ct", "ct", {"views": 3601}, 400, "views must be <= 3600, got 3601"),
         ("sparse_view_ct", "ct", {"arc_degrees": 90, "step_degrees": 0.02}, 400, "gives 4500 views, more than 3600"),

@@ -55,6 +55,7 @@ from bundle.physics.acquisition import Acquisition, is_limited_angle
 from bundle.limits import GB, ResourceLimitError, check_memory, estimate_memory_bytes, memory_limit_bytes
 from bundle.recon.inferers import METHODS
 from bundle.recon.padding import working_shape
+from bundle.recon.support import SUPPORT_KINDS
 from bundle.workflows.inference import input_name, planned_views
 from bundle.settings import check_device
 from bundle.transforms.sinogram import find_sinogram_geometry, geometry_path_for
@@ -155,6 +156,13 @@ def _method(name: str, value: Any) -> str:
     return value
 
 
+def _support(name: str, value: Any) -> str:
+    value = str(_first(value)).strip()
+    if value not in SUPPORT_KINDS:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {list(SUPPORT_KINDS)}")
+    return value
+
+
 def _device(name: str, value: Any) -> str:
     value = _first(value)
     text = "auto" if value is None else str(value).strip().lower()
@@ -175,6 +183,7 @@ SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "eta": lambda n, v: _share(n, v, closed=True),
     "samples": lambda n, v: _int(n, v, minimum=1, maximum=MAX_SAMPLES),
     "warm_start": lambda n, v: _share(n, v, closed=False),
+    "support": _support,
     "batch_size": lambda n, v: _int(n, v, minimum=1, maximum=MAX_BATCH_SIZE),
     "seed": lambda n, v: _int(n, v, minimum=0, maximum=MAX_SEED),
     "device": _device,
@@ -403,8 +412,8 @@ class ReconstructionTask(InferTask):
     def _config_defaults(self) -> dict[str, Any]:
         """The settings' defaults (config values with the app's overrides) as client options.
 
-        ``method`` and ``device`` are lists with the default first: MONAI Label clients (3D
-        Slicer) show a list as a drop-down and send the chosen item.
+        ``method``, ``support`` and ``device`` are lists with the default first: MONAI Label clients
+        (3D Slicer) show a list as a drop-down and send the chosen item.
         """
         parser = ConfigParser()
         parser.read_config(str(self.config_file))
@@ -416,6 +425,8 @@ class ReconstructionTask(InferTask):
             value = parser.get(name)
             if name == "method":
                 value = [value, *[m for m in METHODS if m != value]]
+            if name == "support":
+                value = [value, *[k for k in SUPPORT_KINDS if k != value]]
             out[name] = "" if value is None else value
         out["device"] = ["auto", "cpu", "cuda"]
         return out

@@ -31,14 +31,14 @@ def visual_hull(operator: LinearOperator, measurements: torch.Tensor, threshold:
     """The voxels that every measured ray through them saw as matter: a boolean mask of ``operator.domain_shape``.
 
     A ray saw matter when its line integral is above ``threshold`` times the largest one. The
-    default 0.3 % lost no voxel above -500 HU of any of the 19 volumes of ``../shared`` it was
-    checked on, at 8 and 4 views, where 1 % lost up to 40 (model card, "The support constraint").
-    Noise in air widens the hull, it does not cut it: its standard deviation is about 0.04 % of a
-    chest's largest line integral at 1e5 photons and 0.12 % at 1e4, where some air rays then
-    count as matter. Each detector column that saw
-    matter also marks its ``margin`` neighbours, so the partial voxels at the body's outline stay
-    inside. A voxel that no ray reaches is kept (nothing says it is empty). A sinogram of zeros
-    gives an empty hull: the measurements saw nothing.
+    default 0.3 % lost no voxel above -500 HU of any of the 59 volumes of ``../shared`` it was
+    checked on (``scripts/support_check.py``, 8 and 4 views), where 1 % lost up to 67 in 23 of
+    them (model card, "The support constraint"). Noise in air widens the hull, it does not cut
+    it: its standard deviation is about 0.04 % of a chest's largest line integral at 1e5 photons
+    and 0.12 % at 1e4, where some air rays then count as matter. Each detector column that saw
+    matter also marks its ``margin`` neighbours, so the partial voxels at the body's outline
+    stay inside. A voxel that no ray reaches is kept (nothing says it is empty). A sinogram of
+    zeros gives an empty hull: the measurements saw nothing.
 
     Args:
         operator: the projector ``A`` (non-negative weights, as every ray-driven projector has).
