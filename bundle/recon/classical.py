@@ -444,8 +444,7 @@ class SIRTInferer(_ClassicalInferer):
         n_iter: int = 100,
         nonnegative: bool = True,
         progress: bool = False,
-        support: str = "none",
-        support_threshold: float = 0.003,
+        support: str = "none", support_threshold: float = 0.003,  # the support constraint (_ClassicalInferer)
     ) -> None:
         super().__init__(support, support_threshold)
         self.n_iter, self.nonnegative = n_iter, nonnegative
@@ -488,8 +487,7 @@ class TVInferer(_ClassicalInferer):
         weights: Sequence[float] = (1.0, 1.0, 1.0),
         nonnegative: bool = True,
         progress: bool = False,
-        support: str = "none",
-        support_threshold: float = 0.003,
+        support: str = "none", support_threshold: float = 0.003,  # the support constraint (_ClassicalInferer)
     ) -> None:
         super().__init__(support, support_threshold)
         self.kwargs = dict(lam=lam, rho=rho, n_iter=n_iter, cg_iter=cg_iter, weights=tuple(weights), nonnegative=nonnegative)
