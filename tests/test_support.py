@@ -55,6 +55,14 @@ def test_a_noisy_scan_keeps_the_body_in_the_hull_and_a_blank_scan_has_none(scan)
     assert not visual_hull(operator, torch.zeros_like(y)).any()
 
 
+def test_a_fan_beam_hull_holds_the_body_too():
+    x = body()
+    operator = make_operator(sparse_view(8, tuple(x.shape), (2.0, 2.0, 2.0), beam="fan"))
+    hull = visual_hull(operator, operator(x))
+    assert bool(hull[x > 0].all())
+    assert not hull[:, 0, 0].any() and hull.float().mean() < 0.6
+
+
 def test_limited_angle_hull_is_weaker_but_still_holds_the_body():
     x = body()
     operator = make_operator(limited_angle(90.0, 10.0, tuple(x.shape), (2.0, 2.0, 2.0)))
