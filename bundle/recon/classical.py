@@ -19,8 +19,8 @@ from bundle.physics.operators import LinearOperator, make_operator
 from bundle.physics.operators.base import check_tensor
 from bundle.recon.cg import cg
 from bundle.recon.method import ReconstructionMethod
-from bundle.recon.support import SUPPORT_KINDS, SupportOperator, visual_hull
-from bundle.settings import as_bool, setting_number
+from bundle.recon.support import SupportOperator, support_setting, visual_hull
+from bundle.settings import as_bool
 
 __all__ = [
     "FILTERS",
@@ -279,9 +279,10 @@ def tv_reconstruct(
 
     Solves ``min_x 1/2 ||A x - y||^2 / ||A||^2 + lam TV(x)`` subject to ``x >= 0``, splitting
     ``z = D x`` (group soft-thresholding) and ``w = x`` (projection onto ``x >= 0``, and onto
-    ``x = 0`` outside ``support`` when one is given); the x-update ``(A^T A / ||A||^2 + rho D^T D + rho I) x = ...`` runs ``cg_iter`` warm-started CG
-    steps. The data term is divided by ``||A||^2`` so that ``lam`` does not depend on the
-    number of views or the pixel size.
+    ``x = 0`` outside ``support`` when one is given); the x-update
+    ``(A^T A / ||A||^2 + rho D^T D + rho I) x = ...`` runs ``cg_iter`` warm-started CG steps.
+    The data term is divided by ``||A||^2`` so that ``lam`` does not depend on the number of
+    views or the pixel size.
 
     Args:
         sinogram: ``A.range_shape`` sinogram.
@@ -367,10 +368,7 @@ class _ClassicalInferer(ReconstructionMethod):
 
     def __init__(self, support: str = "none", support_threshold: float = 0.003) -> None:
         super().__init__()
-        if support not in SUPPORT_KINDS:
-            raise ValueError(f"support must be one of {list(SUPPORT_KINDS)}, got {support!r}")
-        self._support = support
-        self._support_threshold = setting_number("support_threshold", support_threshold, 0.0, 1.0, open_maximum=True)
+        self._support, self._support_threshold = support_setting(support, support_threshold)
 
     def _reconstruct(self, sinogram: torch.Tensor, op: LinearOperator, support: torch.Tensor | None) -> torch.Tensor:
         """The method's volume; with a ``support`` the method holds the voxels outside it at air as it iterates."""

@@ -37,7 +37,7 @@ from bundle.recon.noise_schedule import NoiseSchedule
 from bundle.recon.padding import CroppedDataConsistency, centre_crop, working_shape
 from bundle.recon.partitions import Blend, DiffusionBlendPPSchedule, PartitionSchedule, make_schedule
 from bundle.recon.sampler import ddim_timesteps, sample
-from bundle.recon.support import SUPPORT_KINDS, SupportConstraint, visual_hull
+from bundle.recon.support import SupportConstraint, support_setting, visual_hull
 from bundle.settings import as_bool, setting_number
 
 __all__ = [
@@ -174,10 +174,7 @@ class DiffusionBlendInferer(ReconstructionMethod):
         if not callable(blend):
             raise TypeError(f"blend must be a callable blend(denoiser, x_t, t, partition, batch_size), got {blend!r}")
         self.blend = blend
-        if support not in SUPPORT_KINDS:
-            raise ValueError(f"support must be one of {list(SUPPORT_KINDS)}, got {support!r}")
-        self.support = support
-        self.support_threshold = setting_number("support_threshold", support_threshold, 0.0, 1.0, open_maximum=True)
+        self.support, self.support_threshold = support_setting(support, support_threshold)
 
     @property
     def start_step(self) -> int:
@@ -275,7 +272,8 @@ class DiffusionBlendInferer(ReconstructionMethod):
         return (
             f"DiffusionBlendInferer(method={self.method!r}, schedule={self.schedule!r}, "
             f"data_consistency={_describe(self.data_consistency)}, steps={self.steps}, eta={self.eta}, "
-            f"timestep_power={self.timestep_power}, support={self.support!r}, "
+            f"timestep_power={self.timestep_power}, "
+            f"support={self.support!r}, support_threshold={self.support_threshold}, "
             f"warm_start={self.warm_start}, seed={self.seed}, noise_schedule={self.noise_schedule!r}{shared})"
         )
 

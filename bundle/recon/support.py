@@ -18,13 +18,21 @@ import torch
 import torch.nn.functional as F
 
 from bundle.physics.operators.base import LinearOperator
+from bundle.settings import setting_number
 
-__all__ = ["SUPPORT_KINDS", "SupportOperator", "SupportConstraint", "visual_hull"]
+__all__ = ["SUPPORT_KINDS", "SupportOperator", "SupportConstraint", "support_setting", "visual_hull"]
 
 #: The ``support`` setting: ``none`` leaves every voxel free, ``hull`` holds the voxels outside the visual hull at air.
 SUPPORT_KINDS: tuple[str, ...] = ("none", "hull")
 
 DataConsistency = Callable[[torch.Tensor], torch.Tensor]
+
+
+def support_setting(support: str, threshold: float) -> tuple[str, float]:
+    """The ``support`` and ``support_threshold`` settings checked, or a ValueError naming the one that is wrong."""
+    if support not in SUPPORT_KINDS:
+        raise ValueError(f"support must be one of {list(SUPPORT_KINDS)}, got {support!r}")
+    return support, float(setting_number("support_threshold", threshold, 0.0, 1.0, open_maximum=True))
 
 
 def visual_hull(operator: LinearOperator, measurements: torch.Tensor, threshold: float = 0.003, margin: int = 1) -> torch.Tensor:
